@@ -1,0 +1,37 @@
+"""``erde-export model.pt``: write per-segment ONNX graphs, full.onnx and manifest.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from erde.training.cliutil import debug_option, friendly_errors
+
+from .exporter import default_out_dir, export_checkpoint
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Model folder to write (default: <checkpoint name>_onnx beside the checkpoint).")
+@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@debug_option
+@friendly_errors
+def main(checkpoint: Path, out: Path, force: bool) -> None:
+    """Export an ERDE checkpoint to a model folder for the torch-free runtime.
+
+    Every export checks each graph with onnx.checker, cross-checks the MACs
+    against the ONNX graphs and checks that ONNX Runtime matches PyTorch;
+    the folder appears only if all checks pass.
+    """
+    out = out or default_out_dir(checkpoint)
+    m = export_checkpoint(checkpoint, out, force)
+    click.echo(f"wrote {out}/ ({m.model_name}, {m.num_exits} exits, {len(m.class_names)} classes)")
+    for s in m.segments:
+        click.echo(f"  {s.file}: exit at {s.cumulative_macs:,} MACs ({s.cumulative_macs / m.full_macs:.0%} of full)")
+    click.echo(f"  full.onnx: {m.full_macs:,} MACs; parity with PyTorch: ok")
+
+
+if __name__ == "__main__":
+    main()

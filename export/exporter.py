@@ -1,0 +1,196 @@
+"""Turn an ERDE checkpoint into a model folder the torch-free runtime can run.
+
+    out/
+      segment_0.onnx ... segment_{E-1}.onnx   one graph per exit (backbone part + exit head)
+      full.onnx                                the static network, for benchmarks
+      manifest.json                            erde.runtime.manifest schema
+
+The folder is built in a temporary sibling and renamed into place only after
+every graph passed onnx.checker, the MAC cross-check and the parity check; an
+existing folder is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import onnx
+import torch
+
+from erde.runtime.errors import ErdeError
+from erde.runtime.manifest import (
+    FullGraph, Manifest, Preprocessing, Segment, TensorSpec, save_manifest,
+)
+from erde.training.checkpoint import load_model, read_checkpoint
+from erde.training.macs import exit_macs
+from erde.training.models import EarlyExitResNet
+
+from .onnx_macs import onnx_macs
+from .parity import check_parity
+from .segments import FullPath, Segment as SegmentModule, input_names, output_names
+
+OPSET = 17  # loads in onnxruntime >= 1.19
+MACS_RTOL = 0.01
+
+
+class ExportError(ErdeError):
+    """The export could not produce a model folder that passes its checks."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _export_graph(module: torch.nn.Module, x: torch.Tensor, path: Path, inputs: List[str], outputs: List[str],
+                  metadata: Dict[str, str]) -> onnx.ModelProto:
+    axes = {name: {0: "batch"} for name in inputs + outputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def _spec(name: str, shape) -> TensorSpec:
+    return TensorSpec(name, ["batch"] + [int(d) for d in shape[1:]])
+
+
+def default_out_dir(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + "_onnx")
+
+
+def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
+                      parity_batch: int = 32) -> Manifest:
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
+    model, _ = load_model(checkpoint, ckpt)
+    out = Path(out) if out is not None else default_out_dir(checkpoint)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ExportError(f"{parent}: output folder's parent does not exist; create it first")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise ExportError(f"{parent}: cannot write there ({e.strerror})") from None
+    try:
+        os.chmod(tmp, 0o755)
+        manifest = _build(model, ckpt, checkpoint, tmp, parity_batch)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int) -> Manifest:
+    cfg = model.cfg
+    num_exits = cfg.num_exits
+    pre = ckpt["preprocessing"]
+    h, w = cfg.input_size
+    macs = exit_macs(model)
+    essentials = {
+        "erde_schema_version": "1",
+        "erde_model_name": cfg.arch,
+        "erde_num_exits": str(num_exits),
+        "erde_class_names": json.dumps(ckpt["class_names"]),
+        "erde_preprocessing": json.dumps(pre),
+        "erde_cumulative_macs": json.dumps(list(macs.cumulative)),
+    }
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, h, w)
+    segments, files, problems = [], [], []
+    names_in = input_names(num_exits)
+    for k in range(num_exits):
+        module = SegmentModule(model, k).eval()
+        outs = output_names(k, num_exits)
+        file = f"segment_{k}.onnx"
+        proto = _export_graph(module, x, folder / file, [names_in[k]], outs, {**essentials, "erde_segment": str(k)})
+        with torch.no_grad():
+            y = module(x)
+        y = y if isinstance(y, tuple) else (y,)
+        counted = onnx_macs(proto)
+        expected = macs.backbone[k] + macs.head[k]
+        if abs(counted - expected) > MACS_RTOL * expected:
+            problems.append(f"{file}: {counted} MACs in the ONNX graph vs {expected} from fvcore")
+        segments.append(Segment(
+            file=file, sha256=sha256_file(folder / file), inputs=[_spec(names_in[k], x.shape)],
+            outputs=[_spec(n, t.shape) for n, t in zip(outs, y)], probs_output=f"probs_{k}",
+            feature_output=None if k == num_exits - 1 else f"features_{k}",
+            backbone_macs=macs.backbone[k], head_macs=macs.head[k], cumulative_macs=macs.cumulative[k],
+        ))
+        files.append(file)
+        x = y[0] if k < num_exits - 1 else x
+    image = torch.randn(2, 3, h, w)
+    full_proto = _export_graph(FullPath(model).eval(), image, folder / "full.onnx", ["image"], ["probs"],
+                               {**essentials, "erde_segment": "full"})
+    counted = onnx_macs(full_proto)
+    if abs(counted - macs.full) > MACS_RTOL * macs.full:
+        problems.append(f"full.onnx: {counted} MACs in the ONNX graph vs {macs.full} from fvcore")
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.cat([torch.randn(parity_batch // 2, 3, h, w, generator=gen),
+                       torch.randn(parity_batch - parity_batch // 2, 3, 1, 1, generator=gen).expand(-1, -1, h, w)])
+    problems += check_parity(model, folder, files, "full.onnx", probe)
+    if problems:
+        raise ExportError(f"{checkpoint}: export failed {len(problems)} check(s): " + "; ".join(problems))
+    metrics = {f"val_accuracy_exit_{k + 1}": float(a)
+               for k, a in enumerate(ckpt.get("metrics", {}).get("val_exit_accuracy", []))}
+    manifest = Manifest(
+        model_name=cfg.arch,
+        class_names=list(ckpt["class_names"]),
+        preprocessing=Preprocessing(tuple(pre["input_size"]), tuple(pre["mean"]), tuple(pre["std"]),
+                                    pre.get("channel_order", "RGB"), "NCHW", pre.get("resize", "stretch")),
+        segments=segments,
+        full=FullGraph("full.onnx", sha256_file(folder / "full.onnx"), "image", "probs", macs.full),
+        opset=OPSET,
+        metrics=metrics,
+        source={"checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
+                "kind": str(ckpt.get("kind", "")), "torch": str(torch.__version__), "onnx": onnx.__version__,
+                "erde": _erde_version()},
+    )
+    save_manifest(folder, manifest)
+    return manifest
+
+
+def _erde_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("erde")
+    except PackageNotFoundError:
+        return "unknown"

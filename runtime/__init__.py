@@ -1,0 +1,1 @@
+"""ERDE runtime: torch-free early-exit inference with onnxruntime, numpy and Pillow."""

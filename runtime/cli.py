@@ -1,0 +1,176 @@
+"""erde-run: classify images with an early-exit model folder (onnxruntime, no torch).
+
+Exit codes: 0 all images classified; 1 some image could not be read (each is
+reported, the others still run); 2 nothing could run (bad option, bad model
+folder, no input). Errors are one ``Error: ...`` line on stderr; ``--debug``
+adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import List, NoReturn, Optional, Sequence, TextIO
+
+import numpy as np
+
+from .errors import ErdeError
+from .manifest import CRITERIA, MANIFEST_NAME
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print the whole usage; we print one line
+        raise _UsageError(f"{message} (see erde-run --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        return float(text)  # range and NaN are checked by the engine, with the criterion in the message
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="erde-run", description="Classify images with an early-exit model folder written by erde-export.")
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
+    p.add_argument("--folder", action="append", default=[], metavar="DIR",
+                   help="a folder of images (" + " ".join(("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm")) + ")")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model, if installed)")
+    p.add_argument("--threshold", type=_threshold, metavar="T",
+                   help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
+    p.add_argument("--criterion", choices=CRITERIA,
+                   help="max-prob: leave when max probability >= T; entropy: leave when normalised entropy <= T")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", help="images per batch (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="onnxruntime threads (default: one per physical core)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _model_folder(arg: Optional[str]) -> Path:
+    if arg:
+        return Path(arg)
+    if (BUNDLED_MODEL / MANIFEST_NAME).is_file():
+        return BUNDLED_MODEL
+    raise ErdeError("no --model given and no bundled model is installed; "
+                    "pass --model DIR (a folder written by erde-export)")
+
+
+def _human(name: str, pred) -> str:
+    pct = pred.macs_fraction * 100.0
+    return (f"{name}: {pred.class_name} ({pred.confidence:.2f}) exit {pred.exit_index + 1}/{pred.num_exits}, "
+            f"{pct:.0f}% of full MACs ({100.0 - pct:.0f}% saved), {pred.latency_ms:.2f} ms")
+
+
+def _json_line(name: str, pred, criterion: str, threshold: float) -> str:
+    d = {"image": name}
+    d.update(pred.to_dict())
+    d["criterion"] = criterion
+    d["threshold"] = threshold
+    return json.dumps(d)
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # Imported here so that `erde-run --help` and option errors need no onnxruntime.
+    from .engine import Engine
+    from .preprocess import list_images, preprocess_one
+
+    if not args.image and not args.folder:
+        raise _UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
+    engine = Engine.load(_model_folder(args.model), threads=args.threads)
+    criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
+    paths: List[Path] = [Path(p) for p in args.image]
+    for folder in args.folder:
+        paths.extend(list_images(folder))
+    if not args.json:
+        m = engine.manifest
+        print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; criterion {criterion}, "
+              f"threshold {threshold:g} ({source})", file=out)
+    engine.warmup(min(args.batch_size, len(paths)))  # the first run allocates; keep it out of the reported times
+    pre = engine.manifest.preprocessing
+    failed = 0
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start:start + args.batch_size]
+        arrays, names, lines = [], [], []  # lines: output order, None where a prediction goes
+        for path in batch:
+            try:
+                arrays.append(preprocess_one(path, pre))
+                names.append(str(path))
+                lines.append(None)
+            except ErdeError as e:
+                failed += 1
+                if args.debug:
+                    traceback.print_exc(file=err)
+                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+                lines.append(json.dumps({"image": str(path), "error": msg}) if args.json else ("ERR", msg))
+        preds = iter(engine.predict_array(np.stack(arrays), threshold, criterion) if arrays else [])
+        name_it = iter(names)
+        for line in lines:
+            if line is None:
+                name, pred = next(name_it), next(preds)
+                print(_json_line(name, pred, criterion, threshold) if args.json else _human(name, pred), file=out)
+            elif isinstance(line, tuple):
+                out.flush()
+                print(f"Error: {line[1]}", file=err)
+            else:
+                print(line, file=out)
+        out.flush()
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args, out, err)
+    except _UsageError as e:
+        print(f"Error: {e}", file=err)
+        return EXIT_USAGE
+    except ErdeError as e:
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"Error: {e}", file=err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=err)
+        return 130
+    except BrokenPipeError:  # e.g. `erde-run ... | head`: stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    except Exception as e:  # a bug or an environment problem: still one line unless --debug
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"Error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=err)
+        return EXIT_SOME_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

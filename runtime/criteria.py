@@ -1,0 +1,54 @@
+"""Exit criteria in numpy, shared by the runtime engine and the PyTorch evaluation.
+
+- ``max-prob``: an image leaves at exit k when max softmax >= t.
+- ``entropy``: it leaves when the normalised entropy H(p) / log(K) <= t.
+Both thresholds lie in [0, 1]; the last exit always answers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import ErdeError
+
+CRITERIA = ("max-prob", "entropy")
+
+
+def check_threshold(criterion: str, threshold: float) -> float:
+    if criterion not in CRITERIA:
+        raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ErdeError(f"threshold {threshold!r} is not a number; give a value in [0, 1]") from None
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ErdeError(f"threshold {threshold!r} is out of range; give a value in [0, 1]")
+    return t
+
+
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+    """H(p) / log(K) over the last axis, in [0, 1]."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return np.clip(-(probs * np.log(p)).sum(axis=-1) / math.log(probs.shape[-1]), 0.0, 1.0)
+
+
+def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
+    """Boolean mask [N]: which rows of probs [N,K] may leave at this exit."""
+    if criterion == "max-prob":
+        return probs.max(axis=-1) >= threshold
+    return normalized_entropy(probs) <= threshold
+
+
+def exit_indices(exit_probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
+    """Exit taken by each image, from all exits' probabilities [E,N,K] -> [N] ints."""
+    threshold = check_threshold(criterion, threshold)
+    num_exits, n = exit_probs.shape[:2]
+    taken = np.full(n, num_exits - 1, dtype=np.int64)
+    open_ = np.ones(n, dtype=bool)
+    for k in range(num_exits - 1):
+        leave = open_ & passes(exit_probs[k], criterion, threshold)
+        taken[leave] = k
+        open_ &= ~leave
+    return taken

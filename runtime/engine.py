@@ -1,0 +1,439 @@
+"""Early-exit inference over a model folder with onnxruntime (no torch).
+
+A model folder holds ``manifest.json`` and one ONNX graph per segment. Segment
+k returns the softmax probabilities of exit k and, except the last, the
+feature map for segment k+1. An image leaves at the first exit whose
+probabilities pass the exit rule (``exit_mask``); the last exit always answers.
+
+Thread pools: chained sessions that each own an intra-op pool are slow on
+small CPUs because idle pool threads spin and steal the cores from the session
+that runs. So, by default, all sessions of the process share onnxruntime's
+global thread pool when this onnxruntime has ``set_global_thread_pool_sizes``;
+otherwise (or with ``shared_pool=False``) each session gets its own pool with
+spinning turned off. Once the global pool exists, onnxruntime refuses any
+session that does not use it: create other sessions in the same process with
+``make_session`` (or ``session_options``), not with a bare
+``onnxruntime.InferenceSession``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from . import criteria
+from .errors import ErdeError, ModelFolderError
+from .manifest import CRITERIA, MANIFEST_NAME, Manifest, load_manifest
+from .preprocess import ImageInput, preprocess
+
+try:
+    import onnxruntime as ort
+except ImportError:  # reported by Engine.load, so that `import erde.runtime.engine` alone never fails
+    ort = None  # type: ignore[assignment]
+
+#: Default for ``shared_pool``: use onnxruntime's process-wide thread pool when available.
+SHARED_POOL_DEFAULT = True
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+_pool_lock = threading.Lock()
+_global_pool_threads: Optional[int] = None  # threads of the global pool we created; 0 = onnxruntime's default
+_global_pool_active = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exit rule
+
+
+def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
+    """Which rows of ``probs`` [N, K] may leave at this exit (bool [N]).
+
+    "max-prob": max(p) >= threshold; "entropy": H(p)/log(K) <= threshold. The
+    rule is ``criteria.passes``, shared with the PyTorch evaluation, so that
+    calibration and runtime agree.
+    """
+    if criterion not in CRITERIA:
+        raise ErdeError(f"unknown exit criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    return criteria.passes(probs, criterion, threshold)
+
+
+def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
+    """Validate a (criterion, threshold) pair; the threshold must be a real number, not a string or bool."""
+    if criterion not in CRITERIA:
+        raise ErdeError(f"unknown exit criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(threshold)) or not 0.0 <= float(threshold) <= 1.0:
+        rule = ("max-prob: leave when max probability >= t" if criterion == "max-prob"
+                else "entropy: leave when normalised entropy <= t")
+        raise ErdeError(f"threshold {threshold!r} is not a number in [0, 1] ({rule})")
+    return criterion, criteria.check_threshold(criterion, threshold)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sessions and thread pools
+
+
+def _require_ort() -> Any:
+    if ort is None:
+        raise ErdeError("onnxruntime is not installed; install the runtime with: pip install 'erde[runtime]'")
+    return ort
+
+
+def _check_threads(threads: Optional[int]) -> Optional[int]:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ErdeError(f"threads must be a positive integer or None (onnxruntime's default), got {threads!r}")
+    return int(threads)
+
+
+def _use_global_pool(threads: Optional[int], shared_pool: bool) -> bool:
+    """Create the global pool if wanted and possible; return whether sessions must use it."""
+    global _global_pool_threads, _global_pool_active
+    rt = _require_ort()
+    with _pool_lock:
+        if _global_pool_active:
+            if threads is not None and threads != _global_pool_threads:
+                have = "onnxruntime's default number of" if not _global_pool_threads else str(_global_pool_threads)
+                raise ErdeError(
+                    f"this process already runs models on a shared onnxruntime thread pool of {have} threads, "
+                    f"which cannot be resized; pass threads={_global_pool_threads or None} (or omit threads), "
+                    "or use a separate process for another thread count")
+            return True
+        if not shared_pool or not hasattr(rt, "set_global_thread_pool_sizes"):
+            return False
+        try:
+            rt.set_global_thread_pool_sizes(threads or 0, 1)
+        except Exception as e:  # someone else in this process created the global pools first: use them
+            if "already" not in str(e):
+                raise ErdeError(f"onnxruntime could not create its shared thread pool: {e}") from None
+            _global_pool_threads = threads
+        else:
+            _global_pool_threads = threads or 0
+        _global_pool_active = True
+        return True
+
+
+def session_options(threads: Optional[int] = None, shared_pool: Optional[bool] = None) -> Any:
+    """SessionOptions for one session: all graph optimisations, and the thread-pool policy above.
+
+    ``threads`` None means onnxruntime's default (one thread per physical core).
+    ``shared_pool`` None means ``SHARED_POOL_DEFAULT``.
+    """
+    rt = _require_ort()
+    threads = _check_threads(threads)
+    so = rt.SessionOptions()
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
+    if _use_global_pool(threads, SHARED_POOL_DEFAULT if shared_pool is None else shared_pool):
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads or 0
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _check_providers(providers: Optional[Sequence[str]]) -> List[str]:
+    if providers is None:
+        return list(DEFAULT_PROVIDERS)
+    if isinstance(providers, str) or not providers:
+        raise ErdeError(f"providers must be a non-empty list of names, got {providers!r}")
+    available = _require_ort().get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise ErdeError(f"onnxruntime provider(s) {unknown} are not available here; available: {available}")
+    return list(providers)
+
+
+def make_session(model: Union[str, os.PathLike, bytes], threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None, shared_pool: Optional[bool] = None,
+                 name: str = "") -> Any:
+    """An onnxruntime.InferenceSession that follows this module's thread-pool policy."""
+    rt = _require_ort()
+    so = session_options(threads, shared_pool)
+    where = name or (str(model) if not isinstance(model, bytes) else "ONNX model")
+    try:
+        return rt.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                   providers=_check_providers(providers))
+    except ErdeError:
+        raise
+    except Exception as e:
+        raise ModelFolderError(f"{where}: onnxruntime cannot load this graph ({str(e).strip()}); "
+                               "re-export the model folder with erde-export") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one image.
+
+    ``latency_ms``: with batch size 1, the wall time of the segments this image
+    ran (each ``run`` call plus its exit test). In a batch, the wall time of the
+    whole batch from its first segment up to the end of the segment where this
+    image left; ``segment_latency_ms`` then holds the batch's per-segment times.
+    ``macs`` are per image: the ``cumulative_macs`` of the exit taken.
+    """
+
+    class_index: int
+    class_name: str
+    confidence: float  # the max softmax probability at the exit taken
+    exit_index: int  # 0-based
+    num_exits: int
+    macs: int
+    macs_fraction: float  # macs / manifest.full_macs
+    latency_ms: float
+    segment_latency_ms: Tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["segment_latency_ms"] = list(self.segment_latency_ms)
+        return d
+
+
+@dataclass(frozen=True)
+class _Stage:
+    session: Any
+    input_name: str
+    output_names: List[str]  # [probs] or [probs, features]
+    file: str
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_checked(folder: Path, file: str, sha256: str) -> bytes:
+    path = folder / file
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path}: listed in {MANIFEST_NAME} but missing; copy the whole model folder "
+                               "written by erde-export") from None
+    except OSError as e:
+        raise ModelFolderError(f"{path}: cannot read ({e.strerror or e})") from None
+    if _sha256(data) != sha256.lower():
+        raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST_NAME} (file altered or partly copied); "
+                               "copy the model folder again or re-export it")
+    return data
+
+
+def _check_io(session: Any, path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    have_in = [i.name for i in session.get_inputs()]
+    have_out = {o.name for o in session.get_outputs()}
+    missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+    if missing or len(have_in) != 1:
+        raise ModelFolderError(f"{path}: graph inputs {have_in} / outputs {sorted(have_out)} do not match "
+                               f"{MANIFEST_NAME} (expected one input {list(inputs)} and outputs {list(outputs)}); "
+                               "re-export the model folder")
+
+
+class Engine:
+    """Runs an early-exit model folder. Create with ``Engine.load``."""
+
+    def __init__(self, folder: Path, manifest: Manifest, stages: List[_Stage], full: Optional[_Stage],
+                 threads: Optional[int]):
+        self.folder = folder
+        self.manifest = manifest
+        self.threads = threads
+        self._stages = stages
+        self._full = full
+        self._cum_macs = [s.cumulative_macs for s in manifest.segments]
+        self._full_macs = manifest.full_macs
+        self._num_classes = len(manifest.class_names)
+        h, w = manifest.preprocessing.input_size
+        self._input_shape = (3, h, w)
+
+    @classmethod
+    def load(cls, folder: Union[str, os.PathLike], threads: Optional[int] = None,
+             providers: Optional[List[str]] = None, shared_pool: Optional[bool] = None) -> "Engine":
+        """Load and check a model folder (manifest, file hashes, no stray .onnx files) and open its sessions."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder}: {'no such folder' if not folder.exists() else 'not a folder'}; "
+                                   "pass a model folder written by erde-export")
+        threads = _check_threads(threads)
+        providers = _check_providers(providers)
+        manifest = load_manifest(folder)
+        listed = [s.file for s in manifest.segments] + ([manifest.full.file] if manifest.full else [])
+        extra = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.name not in listed)
+        if extra:
+            raise ModelFolderError(f"{folder / extra[0]}: .onnx file not listed in {MANIFEST_NAME}"
+                                   + (f" (also: {', '.join(extra[1:])})" if len(extra) > 1 else "")
+                                   + "; the folder mixes two exports: remove it or re-export into an empty folder")
+        blobs = [_read_checked(folder, s.file, s.sha256) for s in manifest.segments]
+        full_blob = _read_checked(folder, manifest.full.file, manifest.full.sha256) if manifest.full else None
+        stages = []
+        for seg, blob in zip(manifest.segments, blobs):
+            path = folder / seg.file
+            sess = make_session(blob, threads, providers, shared_pool, name=str(path))
+            outs = [seg.probs_output] + ([seg.feature_output] if seg.feature_output else [])
+            _check_io(sess, path, [seg.inputs[0].name], outs)
+            stages.append(_Stage(sess, seg.inputs[0].name, outs, seg.file))
+        full = None
+        if manifest.full is not None:
+            path = folder / manifest.full.file
+            sess = make_session(full_blob, threads, providers, shared_pool, name=str(path))
+            _check_io(sess, path, [manifest.full.input_name], [manifest.full.probs_output])
+            full = _Stage(sess, manifest.full.input_name, [manifest.full.probs_output], manifest.full.file)
+        return cls(folder, manifest, stages, full, threads)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self._stages)
+
+    @property
+    def has_full(self) -> bool:
+        return self._full is not None
+
+    def resolve_threshold(self, threshold: Optional[float] = None,
+                          criterion: Optional[str] = None) -> Tuple[str, float, str]:
+        """(criterion, threshold, source) with source "given", "calibrated" or "manifest default".
+
+        Neither given: the calibrated pair if the manifest has one, else the
+        manifest default. Only a threshold given: it is read with that same
+        criterion. Only a criterion given: the calibrated or default threshold
+        of that criterion, else an error.
+        """
+        m = self.manifest
+        cal = m.calibration
+        if threshold is None:
+            if cal is not None and criterion in (None, cal.criterion):
+                crit, t = _check_rule(cal.criterion, cal.threshold)
+                return crit, t, "calibrated"
+            if criterion in (None, m.default_criterion):
+                crit, t = _check_rule(m.default_criterion, m.default_threshold)
+                return crit, t, "manifest default"
+            _check_rule(criterion, 0.5)  # an unknown criterion is reported as such
+            raise ErdeError(f"{self.folder / MANIFEST_NAME} has no threshold for criterion {criterion!r}; "
+                            "pass a threshold too (--threshold)")
+        if criterion is None:
+            criterion = cal.criterion if cal is not None else m.default_criterion
+        crit, t = _check_rule(criterion, threshold)
+        return crit, t, "given"
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: Optional[float] = None,
+                criterion: Optional[str] = None, batch_size: int = 1) -> List[Prediction]:
+        """Classify images (paths, PIL images or HxWx3 uint8 arrays), ``batch_size`` at a time."""
+        criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
+        batch_size = _check_batch_size(batch_size)
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]  # one path, PIL image or array
+        else:
+            images = list(images)
+        out: List[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            x = preprocess(images[start:start + batch_size], self.manifest.preprocessing)
+            out.extend(self._run(x, criterion, threshold))
+        return out
+
+    def predict_array(self, x: np.ndarray, threshold: Optional[float] = None, criterion: Optional[str] = None,
+                      batch_size: Optional[int] = None) -> List[Prediction]:
+        """Classify preprocessed input [N, 3, H, W] float32; ``batch_size`` None runs all N as one batch."""
+        criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
+        x = self._check_input(x)
+        n = x.shape[0]
+        step = n if batch_size is None else _check_batch_size(batch_size)
+        if step >= n:
+            return self._run(x, criterion, threshold)
+        out: List[Prediction] = []
+        for start in range(0, n, step):
+            out.extend(self._run(x[start:start + step], criterion, threshold))
+        return out
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run a zero batch through every graph once, so the first timed call is not the slow one."""
+        x = np.zeros((_check_batch_size(batch_size),) + self._input_shape, dtype=np.float32)
+        feed = x
+        for stage in self._stages:
+            outputs = self._run_stage(stage, feed)
+            feed = outputs[1] if len(outputs) > 1 else None
+        if self._full is not None:
+            self._run_stage(self._full, x)
+
+    def run_full(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities [N, K] of the static student (full.onnx): no exits, one session."""
+        if self._full is None:
+            raise ErdeError(f"{self.folder}: this model folder has no full graph (manifest 'full' is empty)")
+        x = self._check_input(x)
+        return self._run_stage(self._full, x)[0]
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1:] != self._input_shape or x.shape[0] < 1:
+            shape = getattr(x, "shape", type(x).__name__)
+            raise ErdeError(f"expected a float32 array [N, {', '.join(map(str, self._input_shape))}] "
+                            f"for {self.folder}, got {shape}; use preprocess() on images first")
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        return x
+
+    def _run_stage(self, stage: _Stage, x: np.ndarray) -> List[np.ndarray]:
+        try:
+            outputs = stage.session.run(stage.output_names, {stage.input_name: x})
+        except Exception as e:
+            raise ModelFolderError(f"{self.folder / stage.file}: onnxruntime failed to run this graph "
+                                   f"({str(e).strip()}); re-export the model folder") from None
+        probs = outputs[0]
+        if probs.ndim != 2 or probs.shape != (x.shape[0], self._num_classes):
+            raise ModelFolderError(f"{self.folder / stage.file}: probabilities of shape {probs.shape}, expected "
+                                   f"[{x.shape[0]}, {self._num_classes}] ({self._num_classes} class_names in "
+                                   f"{MANIFEST_NAME}); re-export the model folder")
+        return outputs
+
+    def _run(self, x: np.ndarray, criterion: str, threshold: float) -> List[Prediction]:
+        n = x.shape[0]
+        last = len(self._stages) - 1
+        classes = np.empty(n, dtype=np.int64)
+        confidence = np.empty(n, dtype=np.float32)
+        exits = np.empty(n, dtype=np.int64)
+        active = np.arange(n)  # input positions of the samples still running
+        feed = x
+        marks = []
+        start = time.perf_counter()
+        for k, stage in enumerate(self._stages):
+            outputs = self._run_stage(stage, feed)
+            probs = outputs[0]
+            leave = np.ones(len(active), dtype=bool) if k == last else exit_mask(probs, criterion, threshold)
+            if leave.any():
+                who = active[leave]
+                p = probs[leave]
+                classes[who] = p.argmax(axis=1)
+                confidence[who] = p.max(axis=1)
+                exits[who] = k
+            marks.append(time.perf_counter())
+            if k == last or leave.all():
+                break
+            if leave.any():  # compaction: only the samples still running go on
+                keep = ~leave
+                active = active[keep]
+                feed = outputs[1][keep]
+            else:
+                feed = outputs[1]
+        times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
+        cum_ms = [(t - start) * 1000.0 for t in marks]
+        names = self.manifest.class_names
+        result = []
+        for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist()):
+            macs = self._cum_macs[e]
+            result.append(Prediction(
+                class_index=c, class_name=names[c], confidence=conf, exit_index=e, num_exits=last + 1,
+                macs=macs, macs_fraction=macs / self._full_macs, latency_ms=cum_ms[e],
+                segment_latency_ms=tuple(times_ms[:e + 1])))
+        return result
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ErdeError(f"batch size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)

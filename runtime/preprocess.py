@@ -1,0 +1,199 @@
+"""Image loading and preprocessing with Pillow and numpy only (no torch).
+
+Pipeline: ``load_image`` (checked decode) -> ``to_rgb`` (any Pillow mode to
+8-bit RGB) -> resize to ``Preprocessing.input_size`` (bilinear) -> float 0..1
+-> channel order -> ``(x - mean) / std`` -> NCHW float32.
+
+Transparent images are composited on a white background (not just stripped
+of alpha: a transparent pixel's hidden colour is often black or garbage).
+EXIF orientation is applied, so a photo is seen upright as a viewer shows it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+from .manifest import RESIZE_RULES, Preprocessing
+
+#: Largest image accepted, in pixels (width * height), checked from the header before decoding.
+MAX_PIXELS = 40_000_000
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+_BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
+_WHITE = (255, 255, 255)
+
+ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+
+
+def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
+    """Open and fully decode an image file; raise ImageError saying what is wrong."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image file (use --folder for a folder of images)")
+    if size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); re-copy or re-save the image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as fh:
+                img = Image.open(fh)
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(_too_big(path, width, height))
+                img.load()  # decode now, inside the try: a truncated file fails here
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: image is too large for Pillow's decompression-bomb guard; resize it first") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image, or a format Pillow cannot read") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError, ...
+        raise ImageError(f"{path}: truncated or corrupt image ({e}); re-copy or re-save it") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block must not lose the picture itself
+        pass
+    return img
+
+
+def _too_big(path: Path, width: int, height: int) -> str:
+    return (f"{path}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, more than the "
+            f"{MAX_PIXELS / 1e6:g}-megapixel limit (a decompression bomb?); resize it first")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparency (RGBA, LA, PA, P or L with a transparent colour) is composited
+    on white. 16-bit and 32-bit modes are scaled to 0..255, not clipped:
+    ``I;16*`` maps 0..65535; ``I`` maps 0..255 as is, else 0..65535 (a 16-bit
+    PNG read by older Pillow), else its own min..max; ``F`` maps 0..1 if it
+    lies there, else 0..255 as is, else its own min..max.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _wide_to_uint8(np.asarray(img), mode)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert an image of mode {mode!r} to RGB ({e}); save it as 8-bit RGB") from None
+
+
+def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    a = a.astype(np.float64)
+    if a.size == 0:
+        return a.astype(np.uint8)
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if mode.startswith("I;16"):
+        scaled = a / 257.0  # 65535 -> 255
+    elif mode == "I" and lo >= 0 and hi <= 255:
+        scaled = a
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        scaled = a / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = a * 255.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        scaled = a
+    else:
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo and math.isfinite(hi - lo) else np.zeros_like(a)
+    return np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+
+
+def _as_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ImageError(f"an image array must be HxWx3 (or HxW) uint8, got shape {image.shape} "
+                             f"and dtype {image.dtype}; preprocessed float input goes to Engine.predict_array")
+        return Image.fromarray(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    raise ImageError(f"expected a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+
+
+def resize(img: Image.Image, size: Sequence[int], rule: str = "stretch") -> Image.Image:
+    """Resize to ``size`` = (height, width) with bilinear resampling.
+
+    "stretch": straight to (height, width), ignoring the aspect ratio.
+    "shorter-side-center-crop": scale keeping the aspect ratio so the image
+    just covers (height, width) (for a square target: the shorter side becomes
+    the target side), then cut the centre, as torchvision's Resize + CenterCrop.
+    """
+    height, width = int(size[0]), int(size[1])
+    if rule == "stretch":
+        return img if img.size == (width, height) else img.resize((width, height), _BILINEAR)
+    if rule != "shorter-side-center-crop":
+        raise ImageError(f"unknown resize rule {rule!r}; expected one of {RESIZE_RULES}")
+    w, h = img.size
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, int(round(w * scale))), max(height, int(round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _BILINEAR)
+    left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
+    return img.crop((left, top, left + width, top + height))
+
+
+def preprocess_one(image: ImageInput, pre: Preprocessing) -> np.ndarray:
+    """One image (path, PIL image or HxWx3 uint8 array) -> float32 array [3, H, W]."""
+    img = resize(to_rgb(_as_pil(image)), pre.input_size, pre.resize)
+    x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)  # H, W, 3 in RGB
+    if pre.channel_order == "BGR":
+        x = x[:, :, ::-1]
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    inv_std = np.float32(1.0) / np.asarray(pre.std, dtype=np.float32)
+    x = (x - mean) * inv_std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(images: Sequence[ImageInput], pre: Preprocessing) -> np.ndarray:
+    """Images -> float32 array [N, 3, H, W], ready for ``Engine.predict_array``."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    if len(images) == 0:
+        raise ImageError("no images given")
+    return np.stack([preprocess_one(im, pre) for im in images])
+
+
+def list_images(folder: Union[str, "os.PathLike[str]"]) -> List[Path]:
+    """Image files directly in ``folder`` (by extension, any case), sorted by name.
+
+    Hidden files (name starting with ".", e.g. macOS "._x.jpg") are skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "no such folder" if not folder.exists() else "not a folder"
+        raise ImageError(f"{folder}: {what}")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise ImageError(f"{folder}: cannot list ({e.strerror or e})") from None
+    found = sorted((p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                    and not p.is_dir()), key=lambda p: p.name)
+    if not found:
+        raise ImageError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return found

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny image-folder dataset and a tiny teacher, made once per test session."""
+
+from __future__ import annotations
+
+import pytest
+from training_fixtures import make_image_folder, train_cli
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ERDE_CACHE", str(tmp_path_factory.getbasetemp() / "erde-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "colours")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    r = train_cli(["teacher", "--arch", "tiny_ee", "--data", tiny_data, "--out", out, "--epochs", "2",
+                   "--batch-size", "16", "--val-fraction", "0.25", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_data, tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "student.pt"
+    r = train_cli(["student", "--teacher", tiny_teacher, "--arch", "tiny_ee", "--loss", "erde", "--data", tiny_data,
+                   "--out", out, "--epochs", "2", "--batch-size", "16", "--val-fraction", "0.25", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from erde.runtime.errors import ErdeError
+from erde.training.models import ModelConfig, build_model, default_exits, list_archs, model_config
+
+
+def test_registry_builds_every_arch_with_three_early_exits():
+    for arch in list_archs():
+        cfg = model_config(arch, num_classes=7)
+        assert cfg.num_exits == 4
+        model = build_model(cfg).eval()
+        outs = model(torch.zeros(2, 3, 32, 32))
+        assert [tuple(o.shape) for o in outs] == [(2, 7)] * 4
+
+
+def test_default_exits_has_one_inside_a_stage():
+    n = 3
+    exits = default_exits(n)
+    assert exits == (2, 4, 5)
+    stage_ends = {n - 1, 2 * n - 1}
+    assert any(e not in stage_ends for e in exits)
+    with pytest.raises(ErdeError):
+        default_exits(1)
+
+
+def test_segments_chain_equals_forward():
+    model = build_model(model_config("tiny_ee")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    full = model(x)
+    feats = x
+    for k in range(model.cfg.num_exits):
+        feats, logits = model.run_segment(k, feats)
+        torch.testing.assert_close(logits, full[k])
+    assert model.segment_bounds()[-1][1] == len(model.blocks)
+
+
+def test_config_round_trip_and_bad_exits():
+    cfg = model_config("resnet20_ee", 100)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ErdeError):
+        build_model(ModelConfig("x", 2, exit_after=(3, 1)))
+    with pytest.raises(ErdeError):
+        model_config("resnet1000")
+
+
+def test_exit_head_is_bn_relu_pool_dropout_linear():
+    head = build_model(model_config("tiny_ee")).heads[0]
+    kinds = [type(m).__name__ for m in head.children()]
+    assert kinds == ["BatchNorm2d", "AvgPool2d", "Dropout", "Linear"]  # ReLU is functional, between bn and pool
+    assert head.drop.p == 0.5 and head.pool.kernel_size == 2

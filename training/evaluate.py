@@ -1,0 +1,86 @@
+"""PyTorch evaluation: per-exit accuracy and accuracy / mean MACs at exit thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from erde.runtime.criteria import exit_indices
+
+from .data import batches
+from .models import EarlyExitResNet
+
+DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
+    "max-prob": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
+    "entropy": (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
+}
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    criterion: str
+    threshold: float
+    accuracy: float  # in [0, 1]
+    mean_macs: float  # per image
+    macs_fraction: float  # mean_macs / MACs of the static network
+    exit_fractions: Tuple[float, ...]  # share of images leaving at each exit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def exit_probs(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               batch_size: int = 500) -> np.ndarray:
+    """Softmax probabilities of every exit, in eval mode: uint8 images [N,3,H,W] -> [E,N,K]."""
+    was_training = model.training
+    model.eval()
+    dummy = torch.zeros(len(images), dtype=torch.long)
+    out = [[] for _ in range(model.cfg.num_exits)]
+    for x, _ in batches(images, dummy, batch_size, mean, std):
+        for k, logits in enumerate(model(x)):
+            out[k].append(F.softmax(logits.float(), dim=1))
+    model.train(was_training)
+    return torch.stack([torch.cat(o) for o in out]).numpy()
+
+
+def per_exit_accuracy(probs: np.ndarray, labels: np.ndarray) -> List[float]:
+    return [float((p.argmax(1) == labels).mean()) for p in probs]
+
+
+def sweep(probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
+          criterion: str, thresholds: Sequence[float]) -> List[SweepPoint]:
+    """Accuracy and mean MACs when each image leaves at the first exit that passes ``threshold``."""
+    cum = np.asarray(cumulative_macs, dtype=np.float64)
+    n = probs.shape[1]
+    points = []
+    for t in thresholds:
+        taken = exit_indices(probs, criterion, t)
+        pred = probs[taken, np.arange(n)].argmax(1)
+        mean_macs = float(cum[taken].mean())
+        points.append(SweepPoint(
+            criterion, float(t), float((pred == labels).mean()), mean_macs, mean_macs / full_macs,
+            tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n),
+        ))
+    return points
+
+
+@torch.no_grad()
+def dead_exits(model: EarlyExitResNet, x: torch.Tensor) -> List[int]:
+    """Early exits whose head passes nothing through its ReLU for a batch of images (eval mode).
+
+    Such a head outputs its bias for every image and gets no gradient again: a dead exit.
+    """
+    was_training = model.training
+    model.eval()
+    dead = []
+    for k, head in enumerate(model.heads):
+        x, _ = model.run_segment(k, x)
+        if not bool((head.bn(x) > 0).any()):
+            dead.append(k)
+    model.train(was_training)
+    return dead

@@ -1,0 +1,210 @@
+"""Early-exit ResNets for 32x32 images, built from a small config that travels with the weights.
+
+A CIFAR ResNet of depth 6n+2 has a 3x3 stem and three stages of n basic blocks
+(widths w, 2w, 4w; stages 2 and 3 halve the resolution). Exit heads sit after
+chosen blocks; the final exit is global average pooling + Linear. The network
+is a chain of *segments*: segment k runs blocks up to exit k and that exit's
+head, which is exactly how the exporter cuts it.
+
+    x [N,3,32,32] -> stem [N,w,32,32] -> blocks ... -> exit k: probs [N,K]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from erde.runtime.errors import ErdeError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in every checkpoint)."""
+
+    arch: str
+    blocks_per_stage: int  # n in depth = 6n + 2
+    base_width: int = 16  # channels of stage 1; stages 2 and 3 have 2x and 4x
+    num_classes: int = 10
+    exit_after: Tuple[int, ...] = ()  # early exits after these global block indices (0-based)
+    input_size: Tuple[int, int] = (32, 32)
+    head_dropout: float = 0.5
+
+    @property
+    def depth(self) -> int:
+        return 6 * self.blocks_per_stage + 2
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_after) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["exit_after"] = tuple(d.get("exit_after", ()))
+        d["input_size"] = tuple(d.get("input_size", (32, 32)))
+        return cls(**d)
+
+
+def default_exits(n: int) -> Tuple[int, ...]:
+    """Three early exits: end of stage 1, inside stage 2, end of stage 2."""
+    if n < 2:
+        raise ErdeError(f"blocks_per_stage={n}: need at least 2 blocks per stage to place an exit inside a stage")
+    return (n - 1, n + (n - 1) // 2, 2 * n - 1)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ExitHead(nn.Module):
+    """The paper's exit branch: BatchNorm, ReLU, 2x2 average pool, Dropout 0.5, one Linear."""
+
+    def __init__(self, channels: int, size: Tuple[int, int], num_classes: int, dropout: float):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pool = nn.AvgPool2d(2)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * (size[0] // 2) * (size[1] // 2), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.bn(x)))  # [N,C,H/2,W/2]
+        return self.fc(self.drop(torch.flatten(x, 1)))  # [N,K]
+
+
+class FinalHead(nn.Module):
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class EarlyExitResNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, w = cfg.blocks_per_stage, cfg.base_width
+        h, wd = cfg.input_size
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        blocks, shapes, c_in = [], [], w
+        for stage, c in enumerate((w, 2 * w, 4 * w)):
+            for b in range(n):
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(BasicBlock(c_in, c, stride))
+                c_in = c
+                shapes.append((c, h >> stage, wd >> stage))
+        self.blocks = nn.ModuleList(blocks)
+        bad = [i for i in cfg.exit_after if not 0 <= i < len(blocks) - 1]
+        if bad or list(cfg.exit_after) != sorted(set(cfg.exit_after)):
+            raise ErdeError(f"exit_after={cfg.exit_after}: exits must be increasing block indices below {len(blocks) - 1}")
+        self.heads = nn.ModuleList(
+            ExitHead(shapes[i][0], shapes[i][1:], cfg.num_classes, cfg.head_dropout) for i in cfg.exit_after
+        )
+        self.final = FinalHead(c_in, cfg.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def segment_bounds(self) -> List[Tuple[int, int]]:
+        """Block ranges [start, stop) of each segment, one per exit."""
+        cuts = [i + 1 for i in self.cfg.exit_after] + [len(self.blocks)]
+        return list(zip([0] + cuts[:-1], cuts))
+
+    def run_segment(self, k: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Segment k: image (k=0) or features in -> (features out, exit-k logits)."""
+        start, stop = self.segment_bounds()[k]
+        if k == 0:
+            x = self.stem(x)
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        head = self.heads[k] if k < len(self.heads) else self.final
+        return x, head(x)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """All exits' logits, [N,K] each, early exits first and the final exit last."""
+        logits = []
+        for k in range(self.cfg.num_exits):
+            x, out = self.run_segment(k, x)
+            logits.append(out)
+        return logits
+
+
+# ---- registry: one small builder per variant -------------------------------------------------
+
+_REGISTRY: Dict[str, Callable[..., ModelConfig]] = {}
+
+
+def register(fn: Callable[..., ModelConfig]) -> Callable[..., ModelConfig]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def _resnet(arch: str, n: int, width: int, num_classes: int) -> ModelConfig:
+    return ModelConfig(arch=arch, blocks_per_stage=n, base_width=width, num_classes=num_classes, exit_after=default_exits(n))
+
+
+@register
+def resnet56_ee(num_classes: int = 10) -> ModelConfig:
+    return _resnet("resnet56_ee", 9, 16, num_classes)
+
+
+@register
+def resnet32_ee(num_classes: int = 10) -> ModelConfig:
+    return _resnet("resnet32_ee", 5, 16, num_classes)
+
+
+@register
+def resnet20_ee(num_classes: int = 10) -> ModelConfig:
+    return _resnet("resnet20_ee", 3, 16, num_classes)
+
+
+@register
+def resnet20_w8_ee(num_classes: int = 10) -> ModelConfig:
+    """ResNet-20 at half width (8, 16, 32 channels): about 4x fewer MACs than ResNet-20."""
+    return _resnet("resnet20_w8_ee", 3, 8, num_classes)
+
+
+@register
+def resnet14_ee(num_classes: int = 10) -> ModelConfig:
+    return _resnet("resnet14_ee", 2, 16, num_classes)
+
+
+@register
+def tiny_ee(num_classes: int = 10) -> ModelConfig:
+    """ResNet-14 at width 4: for tests and smoke runs only."""
+    return _resnet("tiny_ee", 2, 4, num_classes)
+
+
+def list_archs() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def model_config(arch: str, num_classes: int = 10) -> ModelConfig:
+    if arch not in _REGISTRY:
+        raise ErdeError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
+    return _REGISTRY[arch](num_classes=num_classes)
+
+
+def build_model(cfg: ModelConfig) -> EarlyExitResNet:
+    return EarlyExitResNet(cfg)

@@ -1,0 +1,224 @@
+"""The training loop shared by teacher and student runs.
+
+Recipe: SGD with Nesterov momentum, a one-cycle learning rate (linear warm-up,
+then linear decay to zero), no weight decay on BatchNorm and bias parameters,
+and gradient-norm clipping. Clipping matters: distilling into early-exit heads
+without it let the features under a head's BatchNorm grow without bound and the
+early exits collapse. After every epoch the per-exit validation accuracy is
+measured in eval mode and dead exit heads (nothing passes their ReLU) are
+reported and revived by resetting their BatchNorm scale and shift.
+
+Epoch e uses seeds derived from (seed, e) for data order, augmentation and
+dropout, so a run resumed from its end-of-epoch checkpoint continues exactly as
+an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from erde.runtime.errors import ErdeError
+
+from .checkpoint import make_checkpoint, save_checkpoint
+from .data import batches
+from .evaluate import dead_exits, exit_probs, per_exit_accuracy
+from .losses import LossConfig, exit_losses
+from .models import EarlyExitResNet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    lr: float = 0.2  # peak learning rate for a global batch of 128; scaled linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.2
+    clip_grad_norm: float = 5.0  # 0 disables clipping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ErdeError("need --epochs >= 1, --batch-size >= 1 and --lr > 0")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ErdeError(f"warm-up fraction {self.warmup_fraction} must be in [0, 1)")
+
+
+@dataclass
+class TrainData:
+    """Uint8 tensors and the normalisation the model was trained with."""
+
+    train_x: torch.Tensor  # [N,3,H,W] uint8
+    train_y: torch.Tensor  # [N] int64
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: torch.Tensor  # [3]
+    std: torch.Tensor  # [3]
+    flip: bool = True
+
+
+@dataclass
+class RunInfo:
+    """What goes into the checkpoint besides the weights."""
+
+    kind: str
+    class_names: List[str]
+    preprocessing: Dict[str, Any]
+    train_args: Dict[str, Any]
+    out: str
+    rank: int = 0
+    world_size: int = 1
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, world_size: int = 1) -> float:
+    peak = cfg.lr * cfg.batch_size * world_size / 128
+    warm = max(1, int(total * cfg.warmup_fraction))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * max(0.0, (total - step) / max(1, total - warm))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # BatchNorm scales/shifts and biases: no decay
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def revive_heads(model: EarlyExitResNet, exits: List[int]) -> None:
+    for k in exits:
+        bn = model.heads[k].bn
+        with torch.no_grad():
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
+
+
+def train(
+    model: EarlyExitResNet,
+    data: TrainData,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    info: RunInfo,
+    teacher: Optional[EarlyExitResNet] = None,
+    start_epoch: int = 0,
+    optimizer_state: Optional[Dict[str, Any]] = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    ddp_model: Optional[nn.Module] = None,
+    reduce_metrics: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> Dict[str, Any]:
+    """Train ``model`` from ``start_epoch`` to ``cfg.epochs``, writing ``info.out`` after each epoch.
+
+    ``ddp_model`` (a DistributedDataParallel wrapper of ``model``) and ``reduce_metrics``
+    (a sum over ranks) are given by the distributed entry point; otherwise both are None.
+    """
+    from tqdm import tqdm
+
+    net = ddp_model or model
+    opt = make_optimizer(model, cfg)
+    if optimizer_state:
+        opt.load_state_dict(optimizer_state)
+    if teacher is not None:
+        teacher.eval()
+    steps_per_epoch = len(data.train_y) // (cfg.batch_size * info.world_size)
+    if steps_per_epoch == 0:
+        raise ErdeError(
+            f"{len(data.train_y)} training images are fewer than one batch of {cfg.batch_size}"
+            f" x {info.world_size} process(es); lower --batch-size or use more data"
+        )
+    total = steps_per_epoch * cfg.epochs
+    metrics: Dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 100003 + epoch * 7919 + info.rank)  # dropout
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order and augmentation
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        it = batches(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, gen,
+                     train=True, flip=data.flip, rank=info.rank, world_size=info.world_size)
+        bar = tqdm(it, total=steps_per_epoch, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or info.rank != 0, leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg, info.world_size)
+            t_logits = None
+            if teacher is not None and loss_cfg.needs_teacher:
+                with torch.inference_mode():
+                    t_logits = [t.clone() for t in teacher(x)]
+            logits = net(x)
+            loss, _ = exit_losses(logits, y, loss_cfg, t_logits)
+            if not torch.isfinite(loss):
+                raise ErdeError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            opt.step()
+            seen += len(y)
+            correct += int((logits[-1].argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        train_time = time.time() - t0
+        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+        if reduce_metrics is not None:
+            stats = reduce_metrics(stats)
+        val_acc = evaluate_val(model, data, reduce_metrics, info)
+        dead = dead_exits(model, _first_val_batch(data))
+        if dead:
+            revive_heads(model, dead)
+            log(f"warning: exit(s) {', '.join(str(k + 1) for k in dead)} died (nothing passes the head's ReLU); "
+                "reset their BatchNorm scale to 1 and shift to 0")
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(stats[0] / stats[2]),
+            "train_acc_final": float(stats[1] / stats[2]),
+            "val_exit_accuracy": val_acc,
+            "dead_exits": [k + 1 for k in dead],
+            "epoch_seconds": round(train_time, 2),
+        }
+        info.history.append(record)
+        log(f"{info.kind} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f}, "
+            f"train acc {record['train_acc_final']:.3f}, val acc per exit "
+            f"[{', '.join(f'{a:.3f}' for a in val_acc)}], {train_time:.0f}s"
+            + (f", dead exits {record['dead_exits']}" if dead else ""))
+        metrics = {"val_exit_accuracy": val_acc, "history": list(info.history)}
+        if info.rank == 0:
+            save_checkpoint(make_checkpoint(
+                model, kind=info.kind, class_names=info.class_names, preprocessing=info.preprocessing,
+                train_args=info.train_args, metrics=metrics,
+                progress={"epoch": epoch + 1, "epochs": cfg.epochs, "finished": epoch + 1 == cfg.epochs,
+                          "world_size": info.world_size},
+                training_state={"optimizer": opt.state_dict()},
+            ), info.out)
+    return metrics
+
+
+def _first_val_batch(data: TrainData) -> torch.Tensor:
+    from .data import normalize
+
+    return normalize(data.val_x[:256], data.mean, data.std)
+
+
+def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: RunInfo) -> List[float]:
+    """Per-exit validation accuracy; with several processes each scores a shard and the counts are summed."""
+    shard = slice(info.rank, None, info.world_size)
+    probs = exit_probs(model, data.val_x[shard], data.mean, data.std)
+    labels = data.val_y[shard].numpy()
+    counts = torch.tensor([round(a * len(labels)) for a in per_exit_accuracy(probs, labels)] + [len(labels)],
+                          dtype=torch.float64)
+    if reduce_metrics is not None:
+        counts = reduce_metrics(counts)
+    return [round(float(c / counts[-1]), 6) for c in counts[:-1]]
+
+
+def train_config_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    return asdict(cfg)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -88,7 +87,7 @@ def read_checkpoint(path) -> Dict[str, Any]:
             f"{path}: refused to load: the file holds pickled objects other than tensors and plain data "
             "(it could run code); only ERDE checkpoints written by erde-train are accepted"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch.load raises many types on damaged or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); is the file complete?") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an ERDE checkpoint (written by erde-train)")

@@ -1,0 +1,90 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from erde.export import exporter
+from erde.export.exporter import ExportError, export_checkpoint, sha256_file
+from erde.runtime.manifest import load_manifest
+from erde.training.checkpoint import CheckpointError, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    manifest = export_checkpoint(tiny_student, out)
+    return out, manifest
+
+
+def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
+    out, manifest = exported
+    assert sorted(p.name for p in out.iterdir()) == [
+        "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx", "segment_3.onnx"]
+    loaded = load_manifest(out)
+    assert loaded == manifest
+    assert loaded.class_names == ["blue", "green", "red"] and loaded.num_exits == 4
+    assert loaded.source["checkpoint_sha256"] == sha256_file(tiny_student)
+    for seg in loaded.segments:
+        assert seg.sha256 == sha256_file(out / seg.file)
+    assert loaded.segments[0].inputs[0].name == "image" and loaded.segments[0].inputs[0].shape[0] == "batch"
+    assert loaded.segments[1].inputs[0].name == "features_0"
+    assert loaded.segments[-1].feature_output is None
+    assert loaded.full.macs < loaded.segments[-1].cumulative_macs  # the static path has no exit heads
+    assert "val_accuracy_exit_1" in loaded.metrics
+
+
+def test_graph_metadata_carries_the_essentials(exported):
+    out, manifest = exported
+    model = onnx.load(str(out / "segment_2.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["erde_segment"] == "2" and meta["erde_num_exits"] == "4"
+    assert json.loads(meta["erde_class_names"]) == manifest.class_names
+    assert json.loads(meta["erde_cumulative_macs"]) == [s.cumulative_macs for s in manifest.segments]
+    assert model.opset_import[0].version == exporter.OPSET
+
+
+def test_dynamic_batch_axis(exported):
+    import onnxruntime as ort
+
+    out, _ = exported
+    sess = ort.InferenceSession(str(out / "full.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        probs = sess.run(None, {"image": np.zeros((n, 3, 32, 32), np.float32)})[0]
+        assert probs.shape == (n, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_existing_folder_needs_force_and_is_replaced_whole(exported, tiny_student, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="--force"):
+        export_checkpoint(tiny_student, out)
+    assert (out / "old.txt").read_text() == "keep me"
+    export_checkpoint(tiny_student, out, force=True)
+    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+def test_failed_check_leaves_nothing_behind(tiny_student, tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter, "check_parity", lambda *a, **k: ["segment_1.onnx: differs", "entropy: differs"])
+    with pytest.raises(ExportError, match="2 check"):
+        export_checkpoint(tiny_student, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_checkpoints(tiny_student, tmp_path):
+    with pytest.raises(CheckpointError, match="no such"):
+        export_checkpoint(tmp_path / "missing.pt", tmp_path / "m")
+    ckpt = read_checkpoint(tiny_student)
+    ckpt["version"] = 2
+    torch.save(ckpt, tmp_path / "v2.pt")
+    with pytest.raises(CheckpointError, match="version 2"):
+        export_checkpoint(tmp_path / "v2.pt", tmp_path / "m")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError):
+        export_checkpoint(tiny_student, blocker / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v2.pt"]

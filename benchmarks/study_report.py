@@ -1,0 +1,234 @@
+"""Report of the CIFAR-10 study: CSV files, the claims derived from them, markdown and a plot.
+
+Every claim in the summary is computed by ``summarize`` from the two CSV files alone, so
+a test can re-derive the summary from the committed CSVs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+POINTS_CSV = "points.csv"
+EXITS_CSV = "exits.csv"
+SUMMARY_JSON = "summary.json"
+STUDENTS = ("erde", "kd", "ce", "erde_beta0")
+WITHIN = 0.01  # "no accuracy loss": within 1 point of the teacher's final exit
+
+
+def _write_atomic(path: Path, text: str, mode: str = "w") -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, mode) as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def rows_from_results(results: Sequence[Dict]) -> (List[Dict], List[Dict]):
+    points, exits = [], []
+    for r in results:
+        for p in r["points"]:
+            row = {"method": r["method"], "criterion": p["criterion"], "threshold": p["threshold"],
+                   "test_accuracy": round(p["accuracy"], 6), "mean_macs": round(p["mean_macs"], 1)}
+            for k, s in enumerate(p["exit_shares"]):
+                row[f"share_exit_{k + 1}"] = round(s, 6)
+            points.append(row)
+        for k, (a, m) in enumerate(zip(r["exit_accuracy"], r["cumulative_macs"])):
+            exits.append({"method": r["method"], "exit": k + 1, "test_accuracy": round(a, 6),
+                          "cumulative_macs": int(m), "full_macs": int(r["full_macs"])})
+    return points, exits
+
+
+def to_csv(rows: List[Dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def read_csv(path: Path) -> List[Dict]:
+    with open(path, newline="") as fh:
+        return [{k: (v if k in ("method", "criterion") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def _curve(points: List[Dict], method: str, criterion: str):
+    pts = sorted((p["mean_macs"], p["test_accuracy"]) for p in points
+                 if p["method"] == method and p["criterion"] == criterion)
+    return np.array([m for m, _ in pts]), np.array([a for _, a in pts])
+
+
+def _matched(points, a: str, b: str, criterion: str) -> List[Dict]:
+    """Each point of method a against method b's accuracy interpolated at the same mean MACs."""
+    bm, ba = _curve(points, b, criterion)
+    out = []
+    for p in points:
+        if p["method"] != a or p["criterion"] != criterion:
+            continue
+        if len(bm) == 0 or not bm[0] <= p["mean_macs"] <= bm[-1]:
+            continue  # outside b's MAC range: no interpolation
+        other = float(np.interp(p["mean_macs"], bm, ba))
+        out.append({"threshold": p["threshold"], "mean_macs": p["mean_macs"], a: p["test_accuracy"], b: other,
+                    "difference": p["test_accuracy"] - other})
+    return out
+
+
+def _per_threshold(points, a: str, b: str, criterion: str) -> List[Dict]:
+    pa = {p["threshold"]: p for p in points if p["method"] == a and p["criterion"] == criterion}
+    pb = {p["threshold"]: p for p in points if p["method"] == b and p["criterion"] == criterion}
+    return [{"threshold": t, f"{a}_accuracy": pa[t]["test_accuracy"], f"{b}_accuracy": pb[t]["test_accuracy"],
+             f"{a}_mean_macs": pa[t]["mean_macs"], f"{b}_mean_macs": pb[t]["mean_macs"],
+             "accuracy_difference": pa[t]["test_accuracy"] - pb[t]["test_accuracy"]}
+            for t in sorted(set(pa) & set(pb))]
+
+
+def summarize(points: List[Dict], exits: List[Dict]) -> Dict:
+    """All claims of the summary, from the CSV rows only."""
+    teacher = [e for e in exits if e["method"] == "teacher"]
+    teacher_final = max(teacher, key=lambda e: e["exit"])
+    t_acc, t_macs = teacher_final["test_accuracy"], teacher_final["full_macs"]
+    s = {"teacher_final_accuracy": t_acc, "teacher_full_macs": t_macs, "comparisons": {}}
+    for a, b in (("erde", "kd"), ("erde", "ce"), ("erde", "erde_beta0"), ("kd", "ce")):
+        for criterion in ("max-prob", "entropy"):
+            per_t = _per_threshold(points, a, b, criterion)
+            matched = _matched(points, a, b, criterion)
+            s["comparisons"][f"{a} vs {b} ({criterion})"] = {
+                "per_threshold": per_t,
+                "wins_at_threshold": sum(r["accuracy_difference"] > 0 for r in per_t),
+                "losses_at_threshold": sum(r["accuracy_difference"] < 0 for r in per_t),
+                "matched_macs": matched,
+                "wins_at_matched_macs": sum(r["difference"] > 0 for r in matched),
+                "losses_at_matched_macs": sum(r["difference"] < 0 for r in matched),
+                "mean_difference_at_matched_macs": (float(np.mean([r["difference"] for r in matched]))
+                                                    if matched else None),
+            }
+    best = {}
+    for method in STUDENTS:
+        ok = [p for p in points if p["method"] == method and p["test_accuracy"] >= t_acc - WITHIN]
+        pick = min(ok, key=lambda p: p["mean_macs"]) if ok else None
+        top = max((p for p in points if p["method"] == method), key=lambda p: p["test_accuracy"], default=None)
+        best[method] = {
+            "within_1_point": pick is not None,
+            "mac_reduction_vs_teacher": (t_macs / pick["mean_macs"]) if pick else None,
+            "point": pick,
+            "best_accuracy": top["test_accuracy"] if top else None,
+            "best_accuracy_point": top,
+        }
+    s["largest_mac_reduction_within_1_point"] = best
+    return s
+
+
+def _pct(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v * 100:.2f}%"
+
+
+def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
+    b = meta["budget_config"]
+    lines = [
+        "# CIFAR-10 study: ERDE vs KD vs CE (generated by `benchmarks/cifar10_study.py`)",
+        "",
+        f"- Command: `{meta['command']}` (budget `{meta['budget']}`), git commit `{meta['git_commit']}`",
+        f"- Machine: {meta['machine']}",
+        f"- Teacher `{b['teacher_arch']}` ({b['teacher_epochs']} epochs); students `{b['student_arch']}` "
+        f"({b['student_epochs']} epochs each, seed {b['seed']}, same schedule, only the loss differs)",
+        f"- Test split: {meta['test_images']} images, evaluated with the ONNX Runtime engine on the exported models.",
+        f"- MACs: multiply-accumulates of Conv and Linear layers per image. One seed only: the spread between "
+        "seeds is not measured, so small differences may be noise.",
+        f"- beta (entropy weight) chosen on the validation split: **{meta['beta_choice']['beta']}** — "
+        f"{meta['beta_choice']['rule']} Scores: {meta['beta_choice']['scores']}. alpha = {b['alpha']}, "
+        f"T = {b['temperature']}.",
+        "",
+        "## Per-exit test accuracy",
+        "",
+        "| model | " + " | ".join(f"exit {k}" for k in range(1, 5)) + " | MACs to each exit |",
+        "|---|" + "---|" * 5,
+    ]
+    for method in ("teacher",) + STUDENTS:
+        rows = sorted((e for e in exits if e["method"] == method), key=lambda e: e["exit"])
+        if rows:
+            lines.append(f"| {method} | " + " | ".join(_pct(e["test_accuracy"]) for e in rows) + " | "
+                         + ", ".join(f"{e['cumulative_macs'] / 1e6:.2f}M" for e in rows) + " |")
+    lines += ["", f"Teacher final exit: {_pct(s['teacher_final_accuracy'])} at "
+              f"{s['teacher_full_macs'] / 1e6:.2f}M MACs (static network).", "",
+              "## Largest MAC reduction against the teacher within 1 point of its final-exit accuracy", ""]
+    for method, r in s["largest_mac_reduction_within_1_point"].items():
+        if r["within_1_point"]:
+            p = r["point"]
+            lines.append(f"- {method}: **{r['mac_reduction_vs_teacher']:.2f}x** fewer MACs "
+                         f"({p['criterion']} t={p['threshold']:g}: {_pct(p['test_accuracy'])}, "
+                         f"{p['mean_macs'] / 1e6:.2f}M MACs)")
+        else:
+            p = r["best_accuracy_point"]
+            lines.append(f"- {method}: never within 1 point of the teacher; its best is {_pct(r['best_accuracy'])} "
+                         f"({p['criterion']} t={p['threshold']:g}, {p['mean_macs'] / 1e6:.2f}M MACs)")
+    lines += ["", "## ERDE against the baselines", "",
+              "| comparison | wins / losses at the same threshold | wins / losses at matched MACs | "
+              "mean accuracy difference at matched MACs |", "|---|---|---|---|"]
+    for name, c in s["comparisons"].items():
+        mean = c["mean_difference_at_matched_macs"]
+        lines.append(f"| {name} | {c['wins_at_threshold']} / {c['losses_at_threshold']} | "
+                     f"{c['wins_at_matched_macs']} / {c['losses_at_matched_macs']} | "
+                     f"{'—' if mean is None else f'{mean * 100:+.2f} points'} |")
+    lines += ["", "### ERDE vs KD, max-prob criterion, threshold by threshold", "",
+              "| t | ERDE acc | ERDE MACs | KD acc | KD MACs | difference |", "|---|---|---|---|---|---|"]
+    for r in s["comparisons"]["erde vs kd (max-prob)"]["per_threshold"]:
+        lines.append(f"| {r['threshold']:g} | {_pct(r['erde_accuracy'])} | {r['erde_mean_macs'] / 1e6:.2f}M | "
+                     f"{_pct(r['kd_accuracy'])} | {r['kd_mean_macs'] / 1e6:.2f}M | "
+                     f"{r['accuracy_difference'] * 100:+.2f} |")
+    lines += ["", "`erde_beta0` is the ablation: KD masked to teacher-right images, without the entropy term.",
+              "", "## Wall time of each step (seconds, this machine)", ""]
+    lines += [f"- {k}: {v:.0f}" for k, v in meta["timings_s"].items()]
+    lines += ["", f"Files: `{POINTS_CSV}` (every method, criterion and threshold), `{EXITS_CSV}` "
+              f"(per-exit accuracy), `{SUMMARY_JSON}` (these claims), `plot.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, style in (("teacher", "k-"), ("erde", "C0-"), ("kd", "C1-"), ("ce", "C2-"), ("erde_beta0", "C3--")):
+        m, a = _curve(points, method, "max-prob")
+        if len(m):
+            ax.plot(m / 1e6, a * 100, style, marker="o", ms=3, label=method)
+    t = max((e for e in exits if e["method"] == "teacher"), key=lambda e: e["exit"])
+    ax.axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
+    ax.set_xlabel("mean MACs per image (millions)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title("Accuracy against MACs, max-prob threshold sweep")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return True
+
+
+def write_report(folder: Path, results: Sequence[Dict], meta: Dict) -> Dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    points, exits = rows_from_results(results)
+    _write_atomic(folder / POINTS_CSV, to_csv(points))
+    _write_atomic(folder / EXITS_CSV, to_csv(exits))
+    points, exits = read_csv(folder / POINTS_CSV), read_csv(folder / EXITS_CSV)  # claims come from the CSVs
+    s = summarize(points, exits)
+    _write_atomic(folder / SUMMARY_JSON, json.dumps({"summary": s, "meta": meta}, indent=2))
+    _write_atomic(folder / "README.md", summary_markdown(s, exits, meta))
+    plot(points, exits, folder / "plot.png")
+    return s

@@ -1,0 +1,60 @@
+"""The study's summary must follow from its CSVs: re-derive it, on made-up and on committed results."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from erde.benchmarks.study_report import (
+    EXITS_CSV, POINTS_CSV, SUMMARY_JSON, read_csv, summarize, write_report,
+)
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cifar10"
+
+
+def _result(method, accs, macs, full, curve):
+    return {"method": method, "exit_accuracy": accs, "cumulative_macs": macs, "full_macs": full,
+            "points": [{"criterion": c, "threshold": t, "accuracy": a, "mean_macs": m,
+                        "exit_shares": [0.25, 0.25, 0.25, 0.25]}
+                       for c in ("max-prob", "entropy") for t, a, m in curve]}
+
+
+def _meta():
+    return {"budget": "cpu", "budget_config": {"teacher_arch": "T", "student_arch": "S", "teacher_epochs": 1,
+                                               "student_epochs": 1, "seed": 0, "alpha": 1.0, "temperature": 4.0},
+            "beta_choice": {"beta": 0.5, "rule": "made up.", "scores": {}}, "machine": "test", "git_commit": "x",
+            "command": "test", "timings_s": {"a": 1.0}, "test_images": 100}
+
+
+def test_claims_on_made_up_results(tmp_path):
+    results = [
+        _result("teacher", [0.7, 0.8, 0.85, 0.90], [40, 60, 80, 100], 99, [(0.5, 0.80, 60), (0.9, 0.89, 90)]),
+        _result("erde", [0.6, 0.7, 0.8, 0.88], [10, 15, 20, 25], 24, [(0.5, 0.85, 12), (0.9, 0.895, 20)]),
+        _result("kd", [0.6, 0.7, 0.8, 0.88], [10, 15, 20, 25], 24, [(0.5, 0.84, 12), (0.9, 0.87, 20)]),
+        _result("ce", [0.6, 0.7, 0.8, 0.87], [10, 15, 20, 25], 24, [(0.5, 0.83, 14), (0.9, 0.86, 22)]),
+        _result("erde_beta0", [0.6, 0.7, 0.8, 0.88], [10, 15, 20, 25], 24, [(0.5, 0.85, 12), (0.9, 0.88, 21)]),
+    ]
+    s = write_report(tmp_path, results, _meta())
+    assert s["teacher_final_accuracy"] == 0.9 and s["teacher_full_macs"] == 99
+    c = s["comparisons"]["erde vs kd (max-prob)"]
+    assert c["wins_at_threshold"] == 2 and c["losses_at_threshold"] == 0
+    assert c["wins_at_matched_macs"] == 2
+    best = s["largest_mac_reduction_within_1_point"]
+    assert best["erde"]["within_1_point"] and best["erde"]["mac_reduction_vs_teacher"] == pytest.approx(99 / 20)
+    assert not best["kd"]["within_1_point"] and best["kd"]["best_accuracy"] == 0.87
+    assert "4.95x" in (tmp_path / "README.md").read_text()
+    on_disk = json.loads((tmp_path / SUMMARY_JSON).read_text())["summary"]
+    assert on_disk == json.loads(json.dumps(summarize(read_csv(tmp_path / POINTS_CSV), read_csv(tmp_path / EXITS_CSV))))
+
+
+def test_committed_summary_follows_from_committed_csvs():
+    if not (RESULTS / POINTS_CSV).exists():
+        pytest.skip(f"no committed study results in {RESULTS} yet")
+    points, exits = read_csv(RESULTS / POINTS_CSV), read_csv(RESULTS / EXITS_CSV)
+    derived = json.loads(json.dumps(summarize(points, exits)))
+    committed = json.loads((RESULTS / SUMMARY_JSON).read_text())["summary"]
+    assert derived == committed
+    text = (RESULTS / "README.md").read_text()
+    for method, r in derived["largest_mac_reduction_within_1_point"].items():
+        if r["within_1_point"]:
+            assert f"{r['mac_reduction_vs_teacher']:.2f}x" in text, method

@@ -10,39 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, NoReturn, Optional, Sequence, TextIO
+from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
 
+from .cliargs import Parser, UsageError, positive_int, run_cli
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse would print the whole usage; we print one line
-        raise _UsageError(f"{message} (see erde-run --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _threshold(text: str) -> float:
@@ -53,7 +34,7 @@ def _threshold(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="erde-run", description="Classify images with an early-exit model folder written by erde-export.")
+    p = Parser(prog="erde-run", description="Classify images with an early-exit model folder written by erde-export.")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
     p.add_argument("--folder", action="append", default=[], metavar="DIR",
                    help="a folder of images (" + " ".join(("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm")) + ")")
@@ -62,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
     p.add_argument("--criterion", choices=CRITERIA,
                    help="max-prob: leave when max probability >= T; entropy: leave when normalised entropy <= T")
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", help="images per batch (default 1)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per batch (default 1)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -99,7 +80,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .preprocess import list_images, preprocess_one
 
     if not args.image and not args.folder:
-        raise _UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
+        raise UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
     engine = Engine.load(_model_folder(args.model), threads=args.threads)
     criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
     paths: List[Path] = [Path(p) for p in args.image]
@@ -142,34 +123,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    out, err = sys.stdout, sys.stderr
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        return _run(args, out, err)
-    except _UsageError as e:
-        print(f"Error: {e}", file=err)
-        return EXIT_USAGE
-    except ErdeError as e:
-        if debug:
-            traceback.print_exc(file=err)
-        print(f"Error: {e}", file=err)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("Error: interrupted", file=err)
-        return 130
-    except BrokenPipeError:  # e.g. `erde-run ... | head`: stop quietly
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return EXIT_OK
-    except Exception as e:  # a bug or an environment problem: still one line unless --debug
-        if debug:
-            traceback.print_exc(file=err)
-        print(f"Error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=err)
-        return EXIT_SOME_FAILED
+    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout, sys.stderr), argv)
 
 
 if __name__ == "__main__":

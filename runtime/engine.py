@@ -339,17 +339,40 @@ class Engine:
         return out
 
     def predict_array(self, x: np.ndarray, threshold: Optional[float] = None, criterion: Optional[str] = None,
-                      batch_size: Optional[int] = None) -> List[Prediction]:
-        """Classify preprocessed input [N, 3, H, W] float32; ``batch_size`` None runs all N as one batch."""
+                      batch_size: Optional[int] = None, early_exit: bool = True) -> List[Prediction]:
+        """Classify preprocessed input [N, 3, H, W] float32; ``batch_size`` None runs all N as one batch.
+
+        ``early_exit=False`` runs every image through all segments and answers
+        from the last exit (the threshold is then not used): the engine's
+        overhead against ``run_full``, as the benchmark measures it.
+        """
         criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
         x = self._check_input(x)
         n = x.shape[0]
         step = n if batch_size is None else _check_batch_size(batch_size)
         if step >= n:
-            return self._run(x, criterion, threshold)
+            return self._run(x, criterion, threshold, early_exit)
         out: List[Prediction] = []
         for start in range(0, n, step):
-            out.extend(self._run(x[start:start + step], criterion, threshold))
+            out.extend(self._run(x[start:start + step], criterion, threshold, early_exit))
+        return out
+
+    def exit_probs(self, x: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+        """Probabilities of every exit for every image, [E, N, K] float32: all segments run, nobody leaves.
+
+        For calibration: ``criteria.exit_indices`` on this array gives the exit
+        the engine takes at any threshold. ``batch_size`` None runs all N at once.
+        """
+        x = self._check_input(x)
+        n = x.shape[0]
+        step = n if batch_size is None else _check_batch_size(batch_size)
+        out = np.empty((len(self._stages), n, self._num_classes), dtype=np.float32)
+        for start in range(0, n, step):
+            feed = x[start:start + step]
+            for k, stage in enumerate(self._stages):
+                outputs = self._run_stage(stage, feed)
+                out[k, start:start + len(feed)] = outputs[0]
+                feed = outputs[1] if len(outputs) > 1 else None
         return out
 
     def warmup(self, batch_size: int = 1) -> None:
@@ -391,7 +414,7 @@ class Engine:
                                    f"{MANIFEST_NAME}); re-export the model folder")
         return outputs
 
-    def _run(self, x: np.ndarray, criterion: str, threshold: float) -> List[Prediction]:
+    def _run(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool = True) -> List[Prediction]:
         n = x.shape[0]
         last = len(self._stages) - 1
         classes = np.empty(n, dtype=np.int64)
@@ -404,7 +427,12 @@ class Engine:
         for k, stage in enumerate(self._stages):
             outputs = self._run_stage(stage, feed)
             probs = outputs[0]
-            leave = np.ones(len(active), dtype=bool) if k == last else exit_mask(probs, criterion, threshold)
+            if k == last:
+                leave = np.ones(len(active), dtype=bool)
+            elif early_exit:
+                leave = exit_mask(probs, criterion, threshold)
+            else:
+                leave = np.zeros(len(active), dtype=bool)
             if leave.any():
                 who = active[leave]
                 p = probs[leave]

@@ -16,27 +16,19 @@ Recognised layouts for ``--data PATH``:
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.errors import ErdeError
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-SPLITS = ("train", "test")
-
-
-class DataError(ErdeError):
-    """A dataset path is missing, unreadable, empty or malformed."""
+from erde.runtime.datasets import SPLITS, DataError, list_image_folder, split_indices
 
 
 @dataclass(frozen=True)
@@ -87,16 +79,9 @@ def _decode(path: Path, size: Tuple[int, int]) -> np.ndarray:
 
 def load_image_folder(root: Path, size: Tuple[int, int] = (32, 32), cache: bool = True) -> Dataset:
     """``root/<class>/<image>``; classes are the sorted sub-folder names."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: List[Tuple[Path, int]] = []
-    for label, name in enumerate(classes):
-        files += [(p, label) for p in sorted((root / name).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise DataError(f"{root}: no images found; expected {root}/<class>/<image>.jpg")
-    if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class folder; need at least 2")
-    labels = np.array([lab for _, lab in files], dtype=np.int64)
-    key = hashlib.sha256(repr((str(root.resolve()), size, [(p.name, p.stat().st_size) for p, _ in files])).encode())
+    folder = list_image_folder(root)
+    files = folder.files
+    key = hashlib.sha256(repr((str(root.resolve()), size, [(p.name, p.stat().st_size) for p in files])).encode())
     cache_file = _cache_dir() / f"images-{key.hexdigest()[:20]}.npy"
     images = None
     if cache and cache_file.exists():
@@ -107,10 +92,10 @@ def load_image_folder(root: Path, size: Tuple[int, int] = (32, 32), cache: bool 
         if images is not None and images.shape != (len(files), size[0], size[1], 3):
             images = None
     if images is None:
-        images = np.stack([_decode(p, size) for p, _ in files])
+        images = np.stack([_decode(p, size) for p in files])
         if cache:
             _save_npy_atomic(cache_file, images)
-    return Dataset(images, labels, tuple(classes), "image-folder")
+    return Dataset(images, folder.labels, folder.class_names, "image-folder")
 
 
 # ---- CIFAR python batches --------------------------------------------------------------------
@@ -249,20 +234,8 @@ def load_split(path, split: str, input_size: Tuple[int, int] = (32, 32)) -> Data
 def train_val_split(ds: Dataset, val_fraction: float, seed: int = 0) -> Tuple[Dataset, Dataset]:
     """Deterministic, stratified split; the training part comes back in a seeded shuffled order,
     so that ``--limit N`` (its first N images) covers every class."""
-    if not 0 < val_fraction < 1:
-        raise DataError(f"validation fraction {val_fraction} must be in (0, 1)")
-    rng = np.random.default_rng(seed)
-    val_idx = []
-    for c in np.unique(ds.labels):
-        idx = np.flatnonzero(ds.labels == c)
-        take = int(round(len(idx) * val_fraction))
-        val_idx.append(rng.permutation(idx)[:take])
-    val_mask = np.zeros(len(ds), dtype=bool)
-    val_mask[np.concatenate(val_idx)] = True
-    train_idx = rng.permutation(np.flatnonzero(~val_mask))
-    if len(train_idx) == 0 or not val_mask.any():
-        raise DataError(f"{len(ds)} images are too few to carve a validation split of {val_fraction:.0%}")
-    return ds.subset(train_idx), ds.subset(np.flatnonzero(val_mask))
+    train_idx, val_idx = split_indices(ds.labels, val_fraction, seed)
+    return ds.subset(train_idx), ds.subset(val_idx)
 
 
 def channel_stats(ds: Dataset) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -1,0 +1,80 @@
+"""What the torch-free command-line tools share (argparse; the runtime has no click).
+
+Every tool prints one ``Error: ...`` line for a problem the user can fix and
+returns a non-zero exit code; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import traceback
+from typing import Callable, Dict, NoReturn, Optional, Sequence, Type
+
+from .errors import ErdeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ErdeError):
+    """A bad command line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse would print the whole usage; we print one line
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def finite_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
+            exit_codes: Optional[Dict[Type[ErdeError], int]] = None) -> int:
+    """Call ``run`` and turn every failure into one ``Error:`` line and an exit code.
+
+    ErdeError -> 2 unless ``exit_codes`` maps its type to another code; Ctrl-C -> 130; a closed
+    pipe (``tool | head``) -> 0, quietly; anything else (a bug) -> 1, still one line.
+    """
+    err = sys.stderr
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return run()
+    except ErdeError as e:
+        if debug and not isinstance(e, UsageError):
+            traceback.print_exc(file=err)
+        print(f"Error: {e}", file=err)
+        return next((code for kind, code in (exit_codes or {}).items() if isinstance(e, kind)), EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=err)
+        return 130
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    except Exception as e:  # a bug or an environment problem
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"Error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=err)
+        return EXIT_FAILED

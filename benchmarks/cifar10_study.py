@@ -15,7 +15,6 @@ at a grid of thresholds; write the report to benchmarks/results/cifar10/.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from erde.benchmarks.study_report import summarize, write_report
+from erde.benchmarks.study_report import write_report
 from erde.runtime.criteria import exit_indices
 from erde.runtime.errors import ErdeError
 

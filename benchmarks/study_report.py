@@ -140,7 +140,7 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
         f"- Teacher `{b['teacher_arch']}` ({b['teacher_epochs']} epochs); students `{b['student_arch']}` "
         f"({b['student_epochs']} epochs each, seed {b['seed']}, same schedule, only the loss differs)",
         f"- Test split: {meta['test_images']} images, evaluated with the ONNX Runtime engine on the exported models.",
-        f"- MACs: multiply-accumulates of Conv and Linear layers per image. One seed only: the spread between "
+        "- MACs: multiply-accumulates of Conv and Linear layers per image. One seed only: the spread between "
         "seeds is not measured, so small differences may be noise.",
         f"- beta (entropy weight) chosen on the validation split: **{meta['beta_choice']['beta']}** — "
         f"{meta['beta_choice']['rule']} Scores: {meta['beta_choice']['scores']}. alpha = {b['alpha']}, "

@@ -26,6 +26,15 @@ def tiny_teacher(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def exported(tiny_student, tmp_path_factory):
+    """The tiny student exported once: (model folder, manifest)."""
+    from erde.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("export") / "model"
+    return out, export_checkpoint(tiny_student, out)
+
+
+@pytest.fixture(scope="session")
 def tiny_student(tiny_data, tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "student.pt"
     r = train_cli(["student", "--teacher", tiny_teacher, "--arch", "tiny_ee", "--loss", "erde", "--data", tiny_data,

@@ -5,7 +5,6 @@ import pickle
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from erde.training.checkpoint import read_checkpoint

@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -10,13 +9,6 @@ from erde.export import exporter
 from erde.export.exporter import ExportError, export_checkpoint, sha256_file
 from erde.runtime.manifest import load_manifest
 from erde.training.checkpoint import CheckpointError, read_checkpoint
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_student, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"
-    manifest = export_checkpoint(tiny_student, out)
-    return out, manifest
 
 
 def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):

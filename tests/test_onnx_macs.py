@@ -2,10 +2,9 @@ import onnx
 
 from erde.export.onnx_macs import onnx_macs
 from erde.runtime.manifest import load_manifest
-from test_exporter import exported  # noqa: F401  (module-scoped export of the tiny student)
 
 
-def test_fvcore_and_onnx_counts_agree_within_one_percent(exported):  # noqa: F811
+def test_fvcore_and_onnx_counts_agree_within_one_percent(exported):
     out, _ = exported
     manifest = load_manifest(out)
     for seg in manifest.segments:

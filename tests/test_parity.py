@@ -4,10 +4,9 @@ import torch
 
 from erde.export.parity import check_parity
 from erde.training.checkpoint import load_model
-from test_exporter import exported  # noqa: F401
 
 
-def test_parity_passes_on_a_good_export(exported, tiny_student):  # noqa: F811
+def test_parity_passes_on_a_good_export(exported, tiny_student):
     out, _ = exported
     model, _ = load_model(tiny_student)
     x = torch.randn(16, 3, 32, 32)
@@ -15,7 +14,7 @@ def test_parity_passes_on_a_good_export(exported, tiny_student):  # noqa: F811
     assert check_parity(model, out, files, "full.onnx", x) == []
 
 
-def test_parity_reports_every_mismatch(exported, tiny_student, tmp_path):  # noqa: F811
+def test_parity_reports_every_mismatch(exported, tiny_student, tmp_path):
     out, _ = exported
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)

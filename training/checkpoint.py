@@ -63,6 +63,7 @@ def save_checkpoint(ckpt: Dict[str, Any], path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
     except OSError as e:

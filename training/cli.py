@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,6 +13,7 @@ from erde.runtime.criteria import CRITERIA
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import write_json_atomic
 
+from . import distributed
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .cliutil import debug_option, friendly_errors
 from .data import Dataset, channel_stats, load_split, to_tensor, train_val_split
@@ -22,7 +21,7 @@ from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy, sweep
 from .losses import LOSSES, LossConfig
 from .macs import exit_macs
 from .models import build_model, list_archs, model_config
-from .train import RunInfo, TrainConfig, TrainData, train, train_config_dict
+from .train import AMP_MODES, DeviceConfig, RunInfo, TrainConfig, TrainData, steps_per_epoch, train, train_config_dict
 
 # Arguments that must not change when a run is resumed.
 _RESUME_KEYS = ("arch", "data", "limit", "val_fraction", "train", "loss", "teacher")
@@ -38,7 +37,8 @@ def _data_options(fn):
         click.option("--batch-size", default=128, show_default=True, type=int,
                      help="Images per step, per process (the global batch is this times the number of processes)."),
         click.option("--lr", default=0.2, show_default=True, type=float,
-                     help="Peak learning rate for a global batch of 128; scaled linearly with the global batch."),
+                     help="Peak learning rate for a global batch of 128; scaled linearly with the global batch "
+                          "(peak = LR x batch-size x processes / 128)."),
         click.option("--weight-decay", default=5e-4, show_default=True, type=float),
         click.option("--clip-grad", default=5.0, show_default=True, type=float, help="Gradient-norm clip (0: off)."),
         click.option("--label-smoothing", default=0.0, show_default=True, type=float),
@@ -46,7 +46,18 @@ def _data_options(fn):
         click.option("--val-fraction", default=0.1, show_default=True, type=float,
                      help="Share of the training data held out for validation (deterministic, stratified)."),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (default: all cores)."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads for torch (default: all cores, shared out among the processes on a node)."),
+        click.option("--device", type=click.Choice(distributed.DEVICE_CHOICES), default="auto", show_default=True,
+                     help="auto: the GPU when CUDA is available, else the CPU. Under torchrun each process "
+                          "takes GPU LOCAL_RANK."),
+        click.option("--amp", type=click.Choice(AMP_MODES), default="off", show_default=True,
+                     help="Mixed precision on CUDA for student and teacher: bf16, or fp16 with a gradient scaler. "
+                          "Refused on the CPU."),
+        click.option("--sync-bn", is_flag=True,
+                     help="BatchNorm statistics over the global batch across processes (SyncBatchNorm; CUDA only)."),
+        click.option("--dist-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="Minutes a process waits for the others (under torchrun) before the job fails."),
         click.option("--resume", is_flag=True, help="Continue the unfinished run in --out (starts anew if none)."),
         click.option("--force", is_flag=True, help="Overwrite an existing --out."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -97,38 +108,48 @@ def _check_out(out: Path, resume: bool, force: bool, train_args: Dict[str, Any])
 
 def _run(kind: str, arch: str, data_path: Path, out: Path, train_args: Dict[str, Any], tcfg: TrainConfig,
          lcfg: LossConfig, teacher_path: Optional[Path], limit: Optional[int], val_fraction: float,
-         resume: bool, force: bool, threads: Optional[int], quiet: bool, dist=None) -> None:
+         resume: bool, force: bool, threads: Optional[int], quiet: bool, dist=None,
+         dev: DeviceConfig = DeviceConfig(), sync_bn: bool = False) -> None:
+    """One training run; with ``dist`` (a torchrun job) every rank calls it with the same arguments."""
     if threads:
         torch.set_num_threads(threads)
+    elif dist:
+        torch.set_num_threads(distributed.threads_per_process())
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     log = (lambda msg: click.echo(msg, err=True)) if rank == 0 else (lambda msg: None)
-    previous = _check_out(out, resume, force, train_args) if rank == 0 else None
-    if dist:
-        previous = dist.broadcast_object(previous)
-    teacher = t_ckpt = None
-    if teacher_path is not None:
-        t_ckpt = read_checkpoint(teacher_path)
-    train_ds, val_ds = load_train_val(data_path, (32, 32), val_fraction, limit)
-    num_classes = len(train_ds.class_names)
-    cfg = model_config(arch, num_classes)
-    if t_ckpt is not None:
-        _check_teacher(teacher_path, t_ckpt, cfg, train_ds)
-        teacher, _ = load_model(teacher_path, t_ckpt)
-        mean, std = tuple(t_ckpt["preprocessing"]["mean"]), tuple(t_ckpt["preprocessing"]["std"])
-    else:
-        mean, std = channel_stats(train_ds)
-    torch.manual_seed(tcfg.seed)  # weight initialisation
-    model = build_model(cfg)
-    start_epoch, opt_state, history = 0, None, []
-    if previous is not None:
-        if dist and previous.get("progress", {}).get("world_size", 1) != world:
-            raise ErdeError(f"{out}: written by {previous['progress'].get('world_size', 1)} process(es), resumed with "
-                            f"{world}; resume with the same number of processes")
-        model, _ = load_model(out, previous)
-        start_epoch = previous["progress"]["epoch"]
-        opt_state = previous["training_state"].get("optimizer")
-        history = list(previous.get("metrics", {}).get("history", []))
-        log(f"resuming {out} after epoch {start_epoch}/{tcfg.epochs}")
+    # Rank 0 alone looks at --out; an error on any rank below stops every rank, and rank 0 reports it.
+    previous = distributed.on_rank0(dist, lambda: _check_out(out, resume, force, train_args))
+    # Local rank 0 decodes the images first and fills the cache; the others then read it.
+    train_ds, val_ds = distributed.local_rank0_first(
+        dist, lambda: load_train_val(data_path, (32, 32), val_fraction, limit))
+    with distributed.agreed(dist):
+        teacher = t_ckpt = None
+        if teacher_path is not None:
+            t_ckpt = read_checkpoint(teacher_path)
+        num_classes = len(train_ds.class_names)
+        cfg = model_config(arch, num_classes)
+        if t_ckpt is not None:
+            _check_teacher(teacher_path, t_ckpt, cfg, train_ds)
+            teacher, _ = load_model(teacher_path, t_ckpt)
+            mean, std = tuple(t_ckpt["preprocessing"]["mean"]), tuple(t_ckpt["preprocessing"]["std"])
+        else:
+            mean, std = channel_stats(train_ds)
+        steps_per_epoch(len(train_ds), tcfg, world)  # refuses more processes than the data has batches
+        lcfg.weights(cfg.num_exits)  # refuses --exit-weights of the wrong length here, on every rank
+        torch.manual_seed(tcfg.seed)  # weight initialisation
+        model = build_model(cfg)
+        start_epoch, opt_state, scaler_state, history = 0, None, None, []
+        if previous is not None:
+            if previous.get("progress", {}).get("world_size", 1) != world:
+                raise ErdeError(f"{out}: written by {previous['progress'].get('world_size', 1)} process(es), "
+                                f"resumed with {world}; resume with the same number of processes "
+                                "(torchrun --nproc_per_node/--nnodes), or --force to start over")
+            model, _ = load_model(out, previous)
+            start_epoch = previous["progress"]["epoch"]
+            opt_state = previous["training_state"].get("optimizer")
+            scaler_state = previous["training_state"].get("grad_scaler")
+            history = list(previous.get("metrics", {}).get("history", []))
+            log(f"resuming {out} after epoch {start_epoch}/{tcfg.epochs}")
     tx, ty = to_tensor(train_ds)
     vx, vy = to_tensor(val_ds)
     data = TrainData(tx, ty, vx, vy, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
@@ -139,10 +160,32 @@ def _run(kind: str, arch: str, data_path: Path, out: Path, train_args: Dict[str,
     preprocessing = {"input_size": list(cfg.input_size), "mean": list(mean), "std": list(std),
                      "channel_order": "RGB", "resize": "stretch"}
     info = RunInfo(kind, list(train_ds.class_names), preprocessing, train_args, str(out), rank, world, history)
+    if world > 1 or dev.device.type != "cpu" or dev.amp != "off":
+        log(f"{world} process(es) on {dev.device.type}, amp {dev.amp}, per-process batch {tcfg.batch_size}, "
+            f"global batch {tcfg.batch_size * world}, peak lr {tcfg.lr * tcfg.batch_size * world / 128:g}")
+    model = dev.place_model(model)
+    if teacher is not None:
+        teacher = dev.place_model(teacher)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same keys in the checkpoint
     ddp_model = dist.wrap(model) if dist else None
     train(model, data, tcfg, lcfg, info, teacher, start_epoch, opt_state, log, progress=not quiet,
-          ddp_model=ddp_model, reduce_metrics=dist.all_reduce_sum if dist else None)
+          ddp_model=ddp_model, reduce_metrics=dist.all_reduce_sum if dist else None, dev=dev,
+          sync_buffers=dist.sync_buffers if dist else None, scaler_state=scaler_state)
     log(f"wrote {out}")
+
+
+def _device_config(device: str, amp: str, sync_bn: bool) -> DeviceConfig:
+    """Check --device, --amp and --sync-bn against this machine (before any process group exists)."""
+    env = distributed.torchrun_env()
+    dev = distributed.resolve_device(device, env[1] if env else 0)
+    if sync_bn and dev.type != "cuda":
+        raise ErdeError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; drop --sync-bn on the CPU "
+                        "(there each process's BatchNorm uses its own per-process batch)")
+    if amp == "bf16" and dev.type != "cuda":
+        raise ErdeError("--amp bf16 is refused on the CPU: CPUs without bfloat16 units run it many times slower "
+                        "than float32; use --amp off on the CPU (mixed precision is for CUDA GPUs)")
+    return DeviceConfig(dev, amp, channels_last=dev.type == "cuda")
 
 
 def _check_teacher(path: Path, ckpt: Dict[str, Any], cfg, train_ds: Dataset) -> None:
@@ -168,14 +211,22 @@ def _train_args(kind: str, arch: str, data_path: Path, limit, val_fraction, tcfg
 @click.option("--arch", default="resnet56_ee", show_default=True, type=click.Choice(list_archs()))
 @_data_options
 @friendly_errors
+@distributed.errors_from_rank0
 def teacher(arch, data_path, out, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing, limit,
-            val_fraction, seed, threads, resume, force, quiet, dist=None):
-    """Train an early-exit teacher with cross-entropy at every exit."""
-    tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
-    lcfg = LossConfig("ce", label_smoothing=label_smoothing)
-    args = _train_args("teacher", arch, data_path, limit, val_fraction, tcfg, lcfg, None)
-    _run("teacher", arch, data_path, out, args, tcfg, lcfg, None, limit, val_fraction, resume, force, threads, quiet,
-         dist)
+            val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, dist=None):
+    """Train an early-exit teacher with cross-entropy at every exit.
+
+    Under torchrun (torchrun --nproc_per_node N -m erde.training.cli teacher ...) it trains with
+    DistributedDataParallel, one process per GPU (or CPU share); rank 0 writes the checkpoint.
+    """
+    with distributed.same_on_every_rank():
+        tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
+        lcfg = LossConfig("ce", label_smoothing=label_smoothing)
+        args = _train_args("teacher", arch, data_path, limit, val_fraction, tcfg, lcfg, None)
+        dev = _device_config(device, amp, sync_bn)
+    with distributed.joined(dev.device, dist_timeout, dist) as dist:
+        _run("teacher", arch, data_path, out, args, tcfg, lcfg, None, limit, val_fraction, resume, force, threads,
+             quiet, dist, dev, sync_bn)
 
 
 def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
@@ -199,16 +250,20 @@ def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
 @click.option("--exit-weights", default=None, help="Comma-separated loss weight per exit (default: 1 each).")
 @_data_options
 @friendly_errors
+@distributed.errors_from_rank0
 def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, epochs, batch_size, lr,
-            weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, resume, force, quiet,
-            dist=None):
-    """Train an early-exit student from a teacher with the ce, kd or erde loss."""
-    tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
-    lcfg = LossConfig(loss, alpha, beta, temperature, _parse_weights(exit_weights), label_smoothing)
-    args = _train_args("student", arch, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
+            weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, device, amp, sync_bn,
+            dist_timeout, resume, force, quiet, dist=None):
+    """Train an early-exit student from a teacher with the ce, kd or erde loss (torchrun: as for teacher)."""
+    with distributed.same_on_every_rank():
+        tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
+        lcfg = LossConfig(loss, alpha, beta, temperature, _parse_weights(exit_weights), label_smoothing)
+        args = _train_args("student", arch, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
+        dev = _device_config(device, amp, sync_bn)
     # The ce student needs no teacher outputs, but still checks that the teacher matches.
-    _run("student", arch, data_path, out, args, tcfg, lcfg, teacher_path, limit, val_fraction, resume, force,
-         threads, quiet, dist)
+    with distributed.joined(dev.device, dist_timeout, dist) as dist:
+        _run("student", arch, data_path, out, args, tcfg, lcfg, teacher_path, limit, val_fraction, resume, force,
+             threads, quiet, dist, dev, sync_bn)
 
 
 def _parse_thresholds(text: Optional[str], criterion: str) -> Tuple[float, ...]:

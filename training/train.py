@@ -11,22 +11,34 @@ reported and revived by resetting their BatchNorm scale and shift.
 Epoch e uses seeds derived from (seed, e) for data order, augmentation and
 dropout, so a run resumed from its end-of-epoch checkpoint continues exactly as
 an uninterrupted run would.
+
+Devices (``DeviceConfig``): the model and teacher sit on the CPU or a GPU; batches
+are made on the CPU and copied over (pinned memory, channels-last on CUDA); with
+``amp`` the student's and the teacher's forward passes run under autocast (the
+teacher in eval mode under inference mode), fp16 with a gradient scaler.
+Several processes (torchrun, see ``distributed``): each takes every
+world_size-th batch of the same per-epoch order, DDP averages the gradients, and
+the learning rate follows the global batch (``lr_at``). Checkpoints hold CPU
+tensors only, so a GPU run's checkpoint loads and exports on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from erde.runtime.errors import ErdeError
 
 from .checkpoint import make_checkpoint, save_checkpoint
-from .data import batches
-from .evaluate import dead_exits, exit_probs, per_exit_accuracy
+from .data import batches, normalize
+from .evaluate import dead_exits, per_exit_accuracy
 from .losses import LossConfig, exit_losses
 from .models import EarlyExitResNet
 
@@ -47,6 +59,48 @@ class TrainConfig:
             raise ErdeError("need --epochs >= 1, --batch-size >= 1 and --lr > 0")
         if not 0 <= self.warmup_fraction < 1:
             raise ErdeError(f"warm-up fraction {self.warmup_fraction} must be in [0, 1)")
+
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where a run computes and in which precision.
+
+    ``amp``: ``bf16`` or ``fp16`` run forward passes (student and teacher) under autocast;
+    ``fp16`` adds a gradient scaler and needs CUDA (the command line also refuses ``bf16`` on
+    the CPU, where it is slow). Weights and optimizer stay float32.
+    ``channels_last`` stores images and convolution weights NHWC (faster on GPUs).
+    """
+
+    device: torch.device = torch.device("cpu")
+    amp: str = "off"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ErdeError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ErdeError("--amp fp16 needs a CUDA GPU (float16 training with a gradient scaler is CUDA-only); "
+                            "on the CPU use --amp off")
+
+    def autocast(self):
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        if self.channels_last:
+            return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(self.device)
+
+    def place_images(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return x
+        x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @dataclass
@@ -84,6 +138,17 @@ def lr_at(step: int, total: int, cfg: TrainConfig, world_size: int = 1) -> float
     return peak * max(0.0, (total - step) / max(1, total - warm))
 
 
+def steps_per_epoch(num_images: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps per epoch (the same on every rank); refuses data smaller than one global batch."""
+    steps = num_images // (cfg.batch_size * world_size)
+    if steps == 0:
+        raise ErdeError(
+            f"{num_images} training images are fewer than one batch of {cfg.batch_size}"
+            f" x {world_size} process(es); lower --batch-size, start fewer processes or use more data"
+        )
+    return steps
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -113,11 +178,16 @@ def train(
     progress: bool = True,
     ddp_model: Optional[nn.Module] = None,
     reduce_metrics: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dev: DeviceConfig = DeviceConfig(),
+    sync_buffers: Optional[Callable[[nn.Module], None]] = None,
+    scaler_state: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` from ``start_epoch`` to ``cfg.epochs``, writing ``info.out`` after each epoch.
 
-    ``ddp_model`` (a DistributedDataParallel wrapper of ``model``) and ``reduce_metrics``
-    (a sum over ranks) are given by the distributed entry point; otherwise both are None.
+    ``model`` and ``teacher`` must already be on ``dev.device`` (``dev.place_model``). ``ddp_model``
+    (a DistributedDataParallel wrapper of ``model``), ``reduce_metrics`` (a sum over ranks) and
+    ``sync_buffers`` (rank 0's buffers to every rank) are given by the distributed entry point;
+    otherwise all three are None.
     """
     from tqdm import tqdm
 
@@ -125,15 +195,13 @@ def train(
     opt = make_optimizer(model, cfg)
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
+    scaler = torch.amp.GradScaler(dev.device.type, enabled=dev.amp == "fp16")
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
     if teacher is not None:
         teacher.eval()
-    steps_per_epoch = len(data.train_y) // (cfg.batch_size * info.world_size)
-    if steps_per_epoch == 0:
-        raise ErdeError(
-            f"{len(data.train_y)} training images are fewer than one batch of {cfg.batch_size}"
-            f" x {info.world_size} process(es); lower --batch-size or use more data"
-        )
-    total = steps_per_epoch * cfg.epochs
+    steps = steps_per_epoch(len(data.train_y), cfg, info.world_size)
+    total = steps * cfg.epochs
     metrics: Dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -144,24 +212,28 @@ def train(
         loss_sum = 0.0
         it = batches(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, gen,
                      train=True, flip=data.flip, rank=info.rank, world_size=info.world_size)
-        bar = tqdm(it, total=steps_per_epoch, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(it, total=steps, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or info.rank != 0, leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg, info.world_size)
+                g["lr"] = lr_at(epoch * steps + i, total, cfg, info.world_size)
+            x, y = dev.place_images(x), y.to(dev.device, non_blocking=True)
             t_logits = None
             if teacher is not None and loss_cfg.needs_teacher:
-                with torch.inference_mode():
-                    t_logits = [t.clone() for t in teacher(x)]
-            logits = net(x)
-            loss, _ = exit_losses(logits, y, loss_cfg, t_logits)
+                with torch.inference_mode(), dev.autocast():
+                    t_logits = [t.float().clone() for t in teacher(x)]
+            with dev.autocast():
+                logits = net(x)
+                loss, _ = exit_losses(logits, y, loss_cfg, t_logits)
             if not torch.isfinite(loss):
                 raise ErdeError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.clip_grad_norm > 0:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             seen += len(y)
             correct += int((logits[-1].argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
@@ -171,8 +243,14 @@ def train(
         stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
         if reduce_metrics is not None:
             stats = reduce_metrics(stats)
-        val_acc = evaluate_val(model, data, reduce_metrics, info)
-        dead = dead_exits(model, _first_val_batch(data))
+        if sync_buffers is not None:
+            sync_buffers(model)  # every rank validates and checks exits with rank 0's BatchNorm statistics
+        val_acc = evaluate_val(model, data, reduce_metrics, info, dev)
+        dead = dead_exits(model, _first_val_batch(data).to(dev.device))
+        if reduce_metrics is not None:  # revive on every rank or on none, so the replicas stay equal
+            flags = torch.zeros(len(model.heads), dtype=torch.float64)
+            flags[dead] = 1.0
+            dead = [k for k, f in enumerate(reduce_metrics(flags).tolist()) if f > 0]
         if dead:
             revive_heads(model, dead)
             log(f"warning: exit(s) {', '.join(str(k + 1) for k in dead)} died (nothing passes the head's ReLU); "
@@ -197,21 +275,55 @@ def train(
                 train_args=info.train_args, metrics=metrics,
                 progress={"epoch": epoch + 1, "epochs": cfg.epochs, "finished": epoch + 1 == cfg.epochs,
                           "world_size": info.world_size},
-                training_state={"optimizer": opt.state_dict()},
+                training_state=_training_state(opt, scaler),
             ), info.out)
     return metrics
 
 
-def _first_val_batch(data: TrainData) -> torch.Tensor:
-    from .data import normalize
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
+
+def _training_state(opt: torch.optim.Optimizer, scaler: "torch.amp.GradScaler") -> Dict[str, Any]:
+    """What --resume needs, as CPU tensors (a GPU run's checkpoint loads anywhere)."""
+    state = {"optimizer": _to_cpu(opt.state_dict())}
+    if scaler.is_enabled():
+        state["grad_scaler"] = _to_cpu(scaler.state_dict())
+    return state
+
+
+def _first_val_batch(data: TrainData) -> torch.Tensor:
     return normalize(data.val_x[:256], data.mean, data.std)
 
 
-def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: RunInfo) -> List[float]:
+@torch.no_grad()
+def exit_probs_on(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  dev: DeviceConfig, batch_size: int = 500) -> np.ndarray:
+    """``evaluate.exit_probs`` on ``dev``: uint8 images [N,3,H,W] (CPU) -> softmax probabilities [E,N,K]."""
+    was_training = model.training
+    model.eval()
+    out: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.num_exits)]
+    for start in range(0, len(images), batch_size):
+        x = dev.place_images(normalize(images[start:start + batch_size], mean, std))
+        with dev.autocast():
+            logits = model(x)
+        for k, lg in enumerate(logits):
+            out[k].append(F.softmax(lg.float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.stack([torch.cat(o) for o in out]).numpy()
+
+
+def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: RunInfo,
+                 dev: DeviceConfig = DeviceConfig()) -> List[float]:
     """Per-exit validation accuracy; with several processes each scores a shard and the counts are summed."""
     shard = slice(info.rank, None, info.world_size)
-    probs = exit_probs(model, data.val_x[shard], data.mean, data.std)
+    probs = exit_probs_on(model, data.val_x[shard], data.mean, data.std, dev)
     labels = data.val_y[shard].numpy()
     counts = torch.tensor([round(a * len(labels)) for a in per_exit_accuracy(probs, labels)] + [len(labels)],
                           dtype=torch.float64)

@@ -63,7 +63,7 @@ def _model_folder(arg: Optional[str]) -> Path:
 def _human(name: str, pred) -> str:
     pct = pred.macs_fraction * 100.0
     return (f"{name}: {pred.class_name} ({pred.confidence:.2f}) exit {pred.exit_index + 1}/{pred.num_exits}, "
-            f"{pct:.0f}% of full MACs ({100.0 - pct:.0f}% saved), {pred.latency_ms:.2f} ms")
+            f"{pct:.0f}% of full MACs ({max(100.0 - pct, 0.0):.0f}% saved), {pred.latency_ms:.2f} ms")
 
 
 def _json_line(name: str, pred, criterion: str, threshold: float) -> str:

@@ -180,7 +180,8 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
         opset=OPSET,
         metrics=metrics,
         source={"checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
-                "kind": str(ckpt.get("kind", "")), "torch": str(torch.__version__), "onnx": onnx.__version__,
+                "kind": str(ckpt.get("kind", "")), "val_fraction": str(ckpt.get("train_args", {}).get("val_fraction", 0.1)),
+                "torch": str(torch.__version__), "onnx": onnx.__version__,
                 "erde": _erde_version()},
     )
     save_manifest(folder, manifest)

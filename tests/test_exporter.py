@@ -26,6 +26,7 @@ def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
     assert loaded.segments[-1].feature_output is None
     assert loaded.full.macs < loaded.segments[-1].cumulative_macs  # the static path has no exit heads
     assert "val_accuracy_exit_1" in loaded.metrics
+    assert loaded.source["val_fraction"] == "0.25"  # erde-calibrate carves the same validation split
 
 
 def test_graph_metadata_carries_the_essentials(exported):

@@ -1,0 +1,122 @@
+"""Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from the CIFAR-10 study.
+
+    python -m erde.benchmarks.bundle_model --data ../shared/datasets/cifar10
+
+Takes the ERDE student the study exported (``runs/cifar10-cpu/erde_onnx``; run the study first),
+calibrates its threshold on the validation split (``erde-calibrate``: fewest MACs within
+``--max-drop`` points of the final exit), records its test accuracy and MACs at that threshold in
+the manifest, and replaces the bundled folder atomically. Also draws the sample images in
+``runtime/samples`` (our own drawings, free to redistribute), so ``erde-run --image`` has
+something to classify right after ``pip install``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from erde.runtime.calibrate import calibrate
+from erde.runtime.criteria import exit_indices
+from erde.runtime.errors import ErdeError
+from erde.runtime.manifest import load_manifest, save_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "runtime" / "models" / "cifar10"
+SAMPLES = REPO / "runtime" / "samples"
+
+
+def draw_samples(folder: Path) -> None:
+    """Two simple drawings: an airplane in the sky and a ship on the sea (96x96 PNG)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sky = Image.new("RGB", (96, 96), (120, 170, 225))
+    d = ImageDraw.Draw(sky)
+    d.polygon([(10, 50), (80, 44), (88, 48), (80, 52)], fill=(230, 230, 235))  # fuselage
+    d.polygon([(38, 48), (56, 20), (62, 22), (52, 48)], fill=(200, 200, 210))  # upper wing
+    d.polygon([(38, 50), (56, 78), (62, 76), (52, 50)], fill=(200, 200, 210))  # lower wing
+    d.polygon([(12, 49), (8, 36), (16, 36), (22, 48)], fill=(200, 200, 210))  # tail
+    sky.save(folder / "airplane.png")
+    sea = Image.new("RGB", (96, 96), (150, 190, 230))
+    d = ImageDraw.Draw(sea)
+    d.rectangle([0, 58, 96, 96], fill=(30, 70, 130))
+    d.polygon([(14, 52), (84, 52), (74, 66), (22, 66)], fill=(90, 60, 50))  # hull
+    d.rectangle([36, 38, 62, 52], fill=(235, 235, 235))  # cabin
+    d.rectangle([46, 26, 52, 38], fill=(200, 60, 50))  # funnel
+    sea.save(folder / "ship.png")
+
+
+def test_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
+    from erde.benchmarks.cifar10_study import load_test_split, test_split_exit_probs
+
+    images, labels, _ = load_test_split(data)
+    probs = test_split_exit_probs(model_dir, images, threads)
+    m = load_manifest(model_dir)
+    cum = np.array([s.cumulative_macs for s in m.segments], dtype=np.float64)
+    taken = exit_indices(probs, criterion, threshold)
+    pred = probs[taken, np.arange(len(labels))].argmax(1)
+    out = {f"test_accuracy_exit_{k + 1}": float((p.argmax(1) == labels).mean()) for k, p in enumerate(probs)}
+    out.update({"test_accuracy_calibrated": float((pred == labels).mean()),
+                "test_mean_macs_calibrated": float(cum[taken].mean()),
+                "test_macs_fraction_calibrated": float(cum[taken].mean() / m.full_macs),
+                "test_images": float(len(labels))})
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
+    ap.add_argument("--study", type=Path, default=REPO / "runs" / "cifar10-cpu", help="the study's work folder")
+    ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy drop allowed, in points")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    try:
+        source = args.study / "erde_onnx"
+        if not (source / "manifest.json").exists():
+            raise ErdeError(f"{source}: no exported ERDE student; run the study first "
+                            "(python -m erde.benchmarks.cifar10_study --data PATH)")
+        if args.data is None:
+            raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
+        draw_samples(SAMPLES)
+        BUNDLED.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".cifar10.", dir=BUNDLED.parent))
+        try:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            os.chmod(tmp, 0o755)
+            result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
+                               threads=args.threads)
+            if not result.choice.met:
+                raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
+            m = load_manifest(tmp)
+            cal = m.calibration
+            metrics = dict(m.metrics)
+            metrics.update(test_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
+            save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
+                                       default_threshold=cal.threshold))
+            old = BUNDLED.with_name(".cifar10.old")
+            if BUNDLED.exists():
+                os.replace(BUNDLED, old)
+            os.replace(tmp, BUNDLED)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
+              f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
+              f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs")
+    except ErdeError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

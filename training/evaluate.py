@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from erde.runtime.criteria import exit_indices
 
-from .data import batches
+from .data import normalize
 from .models import EarlyExitResNet
 
 DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
@@ -35,15 +37,23 @@ class SweepPoint:
 
 @torch.no_grad()
 def exit_probs(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-               batch_size: int = 500) -> np.ndarray:
-    """Softmax probabilities of every exit, in eval mode: uint8 images [N,3,H,W] -> [E,N,K]."""
+               batch_size: int = 500, dev=None) -> np.ndarray:
+    """Softmax probabilities of every exit, in eval mode: uint8 images [N,3,H,W] (CPU) -> [E,N,K].
+
+    ``dev`` (a ``train.DeviceConfig``) moves each batch to the model's device and applies autocast.
+    """
     was_training = model.training
     model.eval()
-    dummy = torch.zeros(len(images), dtype=torch.long)
     out = [[] for _ in range(model.cfg.num_exits)]
-    for x, _ in batches(images, dummy, batch_size, mean, std):
-        for k, logits in enumerate(model(x)):
-            out[k].append(F.softmax(logits.float(), dim=1))
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size], mean, std)
+        ctx = contextlib.nullcontext()
+        if dev is not None:
+            x, ctx = dev.place_images(x), dev.autocast()
+        with ctx:
+            logits = model(x)
+        for k, lg in enumerate(logits):
+            out[k].append(F.softmax(lg.float(), dim=1).cpu())
     model.train(was_training)
     return torch.stack([torch.cat(o) for o in out]).numpy()
 

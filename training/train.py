@@ -29,16 +29,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from erde.runtime.errors import ErdeError
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .data import batches, normalize
-from .evaluate import dead_exits, per_exit_accuracy
+from .evaluate import dead_exits, exit_probs, per_exit_accuracy
 from .losses import LossConfig, exit_losses
 from .models import EarlyExitResNet
 
@@ -303,27 +301,11 @@ def _first_val_batch(data: TrainData) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exit_probs_on(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                  dev: DeviceConfig, batch_size: int = 500) -> np.ndarray:
-    """``evaluate.exit_probs`` on ``dev``: uint8 images [N,3,H,W] (CPU) -> softmax probabilities [E,N,K]."""
-    was_training = model.training
-    model.eval()
-    out: List[List[torch.Tensor]] = [[] for _ in range(model.cfg.num_exits)]
-    for start in range(0, len(images), batch_size):
-        x = dev.place_images(normalize(images[start:start + batch_size], mean, std))
-        with dev.autocast():
-            logits = model(x)
-        for k, lg in enumerate(logits):
-            out[k].append(F.softmax(lg.float(), dim=1).cpu())
-    model.train(was_training)
-    return torch.stack([torch.cat(o) for o in out]).numpy()
-
-
 def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: RunInfo,
                  dev: DeviceConfig = DeviceConfig()) -> List[float]:
     """Per-exit validation accuracy; with several processes each scores a shard and the counts are summed."""
     shard = slice(info.rank, None, info.world_size)
-    probs = exit_probs_on(model, data.val_x[shard], data.mean, data.std, dev)
+    probs = exit_probs(model, data.val_x[shard], data.mean, data.std, dev=dev)
     labels = data.val_y[shard].numpy()
     counts = torch.tensor([round(a * len(labels)) for a in per_exit_accuracy(probs, labels)] + [len(labels)],
                           dtype=torch.float64)

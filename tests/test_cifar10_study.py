@@ -1,0 +1,46 @@
+"""Pieces of the study command, on a tiny model folder and image folder (no training)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erde.benchmarks import cifar10_study as study
+from erde.runtime import engine as engine_mod
+from runtime_fixtures import make_model_folder, random_image
+
+
+@pytest.fixture(autouse=True)
+def per_session_pools(monkeypatch):
+    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
+
+
+def test_mean_accuracy_over_a_mac_range():
+    curve = [(10.0, 0.5), (20.0, 0.7), (30.0, 0.9)]
+    assert study.mean_accuracy_over(curve, 10, 30) == pytest.approx(0.7)
+    assert study.mean_accuracy_over(curve, 20, 20) == pytest.approx(0.7)
+
+
+def test_evaluate_sweeps_every_threshold_with_the_engine(tmp_path):
+    model = make_model_folder(tmp_path)
+    for c in range(4):
+        d = tmp_path / "data" / "test" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(random_image(8, 8, seed=10 * c + i)).save(d / f"{i}.png")
+    images, labels, classes = study.load_test_split(tmp_path / "data")
+    assert len(images) == 20 and classes == [f"class{c}" for c in range(4)]
+    result = study.evaluate(model, "erde", (images, labels), tmp_path / "eval.json", threads=1)
+    n_points = sum(len(v) for v in study.THRESHOLDS.values())
+    assert len(result["points"]) == n_points and len(result["exit_accuracy"]) == 3
+    for p in result["points"]:
+        assert sum(p["exit_shares"]) == pytest.approx(1.0)
+        assert result["cumulative_macs"][0] <= p["mean_macs"] <= result["cumulative_macs"][-1]
+    assert json.loads((tmp_path / "eval.json").read_text()) == result  # cached for the next session
+
+
+def test_bad_data_is_one_error_line(tmp_path, capsys):
+    assert study.main(["--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error:")

@@ -21,10 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from erde.runtime.calibrate import calibrate
-from erde.runtime.criteria import exit_indices
+from erde.runtime.criteria import sweep
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import load_manifest, save_manifest
 
@@ -60,14 +58,10 @@ def test_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, 
     images, labels, _ = load_test_split(data)
     probs = test_split_exit_probs(model_dir, images, threads)
     m = load_manifest(model_dir)
-    cum = np.array([s.cumulative_macs for s in m.segments], dtype=np.float64)
-    taken = exit_indices(probs, criterion, threshold)
-    pred = probs[taken, np.arange(len(labels))].argmax(1)
-    out = {f"test_accuracy_exit_{k + 1}": float((p.argmax(1) == labels).mean()) for k, p in enumerate(probs)}
-    out.update({"test_accuracy_calibrated": float((pred == labels).mean()),
-                "test_mean_macs_calibrated": float(cum[taken].mean()),
-                "test_macs_fraction_calibrated": float(cum[taken].mean() / m.full_macs),
-                "test_images": float(len(labels))})
+    (p,) = sweep(probs, labels, [s.cumulative_macs for s in m.segments], m.full_macs, criterion, [threshold])
+    out = {f"test_accuracy_exit_{k + 1}": float((e.argmax(1) == labels).mean()) for k, e in enumerate(probs)}
+    out.update({"test_accuracy_calibrated": p.accuracy, "test_mean_macs_calibrated": p.mean_macs,
+                "test_macs_fraction_calibrated": p.macs_fraction, "test_images": float(len(labels))})
     return out
 
 

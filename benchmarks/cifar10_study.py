@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from erde.benchmarks.study_report import write_report
-from erde.runtime.criteria import exit_indices
+from erde.runtime.criteria import exit_indices, sweep
 from erde.runtime.errors import ErdeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,18 +180,13 @@ def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], ca
     images, labels = test
     probs = test_split_exit_probs(model_dir, images, threads)
     m = load_manifest(model_dir)
-    cum = np.array([s.cumulative_macs for s in m.segments], dtype=np.float64)
+    cum = [s.cumulative_macs for s in m.segments]
     result = {"method": name, "exit_accuracy": [float((p.argmax(1) == labels).mean()) for p in probs],
-              "cumulative_macs": cum.tolist(), "full_macs": m.full_macs, "points": []}
-    for criterion, grid in THRESHOLDS.items():
-        for t in grid:
-            taken = exit_indices(probs, criterion, t)
-            pred = probs[taken, np.arange(len(labels))].argmax(1)
-            shares = np.bincount(taken, minlength=len(cum)) / len(labels)
-            result["points"].append({"criterion": criterion, "threshold": t,
-                                     "accuracy": float((pred == labels).mean()),
-                                     "mean_macs": float(cum[taken].mean()),
-                                     "exit_shares": [float(s) for s in shares]})
+              "cumulative_macs": cum, "full_macs": m.full_macs,
+              "points": [{"criterion": p.criterion, "threshold": p.threshold, "accuracy": p.accuracy,
+                          "mean_macs": p.mean_macs, "exit_shares": list(p.exit_shares)}
+                         for criterion, grid in THRESHOLDS.items()
+                         for p in sweep(probs, labels, cum, m.full_macs, criterion, grid)]}
     cache.write_text(json.dumps(result, indent=2))
     return result
 

@@ -71,16 +71,7 @@ def threshold_grid(criterion: str) -> List[float]:
 # The table
 
 
-@dataclass(frozen=True)
-class ThresholdRow:
-    """Validation results of one (criterion, threshold)."""
-
-    criterion: str
-    threshold: float
-    val_accuracy: float  # in [0, 1]
-    mean_macs: float  # per image
-    macs_fraction: float  # mean_macs / manifest.full_macs
-    exit_shares: Tuple[float, ...]  # share of images leaving at each exit
+ThresholdRow = criteria.SweepPoint  # one row of the calibration table
 
 
 def threshold_table(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
@@ -91,18 +82,7 @@ def threshold_table(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs:
     if exit_probs.shape[0] != len(cumulative_macs):
         raise ErdeError(f"{exit_probs.shape[0]} exits of probabilities but {len(cumulative_macs)} MAC counts")
     thresholds = threshold_grid(criterion) if thresholds is None else thresholds
-    cum = np.asarray(cumulative_macs, dtype=np.float64)
-    n = exit_probs.shape[1]
-    correct = exit_probs.argmax(axis=2) == np.asarray(labels)[None, :]  # [E, N]
-    rows = []
-    for t in thresholds:
-        taken = criteria.exit_indices(exit_probs, criterion, t)
-        mean_macs = float(cum[taken].mean())
-        rows.append(ThresholdRow(
-            criterion=criterion, threshold=float(t), val_accuracy=float(correct[taken, np.arange(n)].mean()),
-            mean_macs=mean_macs, macs_fraction=mean_macs / full_macs,
-            exit_shares=tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n)))
-    return rows
+    return criteria.sweep(exit_probs, labels, cumulative_macs, full_macs, criterion, thresholds)
 
 
 def _strictness(row: ThresholdRow) -> float:
@@ -133,14 +113,14 @@ def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accurac
     eps = 1e-9
     if mode == "accuracy-drop":
         floor = final_accuracy - target / 100.0
-        ok = [r for r in rows if r.val_accuracy >= floor - eps]
-        best = min(ok, key=lambda r: (r.mean_macs, -r.val_accuracy, -_strictness(r))) if ok else None
-        closest = max(rows, key=lambda r: (r.val_accuracy, -r.mean_macs))
+        ok = [r for r in rows if r.accuracy >= floor - eps]
+        best = min(ok, key=lambda r: (r.mean_macs, -r.accuracy, -_strictness(r))) if ok else None
+        closest = max(rows, key=lambda r: (r.accuracy, -r.mean_macs))
     elif mode == "mac-budget":
         budget = target * full_macs
         ok = [r for r in rows if r.mean_macs <= budget * (1 + eps)]
-        best = max(ok, key=lambda r: (r.val_accuracy, -r.mean_macs, -_strictness(r))) if ok else None
-        closest = min(rows, key=lambda r: (r.mean_macs, -r.val_accuracy))
+        best = max(ok, key=lambda r: (r.accuracy, -r.mean_macs, -_strictness(r))) if ok else None
+        closest = min(rows, key=lambda r: (r.mean_macs, -r.accuracy))
     else:
         raise ErdeError(f"unknown calibration mode {mode!r}; expected one of {', '.join(MODES)}")
     return Choice(mode, float(target), float(final_accuracy), best, best or closest)
@@ -152,11 +132,11 @@ def choose_best(choices: Sequence[Choice]) -> Choice:
     met = [c for c in choices if c.met]
     if met:
         if met[0].mode == "accuracy-drop":
-            return min(met, key=lambda c: (c.row.mean_macs, -c.row.val_accuracy))
-        return max(met, key=lambda c: (c.row.val_accuracy, -c.row.mean_macs))
+            return min(met, key=lambda c: (c.row.mean_macs, -c.row.accuracy))
+        return max(met, key=lambda c: (c.row.accuracy, -c.row.mean_macs))
     if choices[0].mode == "accuracy-drop":
-        return max(choices, key=lambda c: (c.closest.val_accuracy, -c.closest.mean_macs))
-    return min(choices, key=lambda c: (c.closest.mean_macs, -c.closest.val_accuracy))
+        return max(choices, key=lambda c: (c.closest.accuracy, -c.closest.mean_macs))
+    return min(choices, key=lambda c: (c.closest.mean_macs, -c.closest.accuracy))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +186,7 @@ def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[Thr
     w.writerow(["criterion", "threshold", "val_accuracy", "mean_macs", "macs_fraction"]
                + [f"exit_{k + 1}_share" for k in range(num_exits)] + ["chosen"])
     for r in rows:
-        w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.val_accuracy:.6f}", f"{r.mean_macs:.1f}",
+        w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.accuracy:.6f}", f"{r.mean_macs:.1f}",
                     f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)])
     return buf.getvalue()
 
@@ -238,7 +218,7 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
     except OSError as e:
         raise ErdeError(f"{folder / TABLE_NAME}: cannot write ({e.strerror or e}); nothing was changed") from None
     cal = Calibration(criterion=r.criterion, threshold=r.threshold, mode=choice.mode, target=choice.target,
-                      val_accuracy=r.val_accuracy, val_mean_macs=r.mean_macs, table_file=TABLE_NAME)
+                      val_accuracy=r.accuracy, val_mean_macs=r.mean_macs, table_file=TABLE_NAME)
     metrics = dict(manifest.metrics)
     if data is not None:
         metrics["calibration_val_images"] = len(data.files)
@@ -353,7 +333,7 @@ def _pct(v: float) -> str:
 
 
 def _describe(r: ThresholdRow) -> str:
-    return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.val_accuracy)}, "
+    return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.accuracy)}, "
             f"{100.0 * r.macs_fraction:.1f}% of full MACs")
 
 

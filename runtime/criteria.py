@@ -8,6 +8,8 @@ Both thresholds lie in [0, 1]; the last exit always answers.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -52,3 +54,34 @@ def exit_indices(exit_probs: np.ndarray, criterion: str, threshold: float) -> np
         taken[leave] = k
         open_ &= ~leave
     return taken
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Accuracy and cost of one (criterion, threshold) over a set of labelled images."""
+
+    criterion: str
+    threshold: float
+    accuracy: float  # in [0, 1]
+    mean_macs: float  # per image
+    macs_fraction: float  # mean_macs / MACs of the static network
+    exit_shares: Tuple[float, ...]  # share of images leaving at each exit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
+          criterion: str, thresholds: Sequence[float]) -> List[SweepPoint]:
+    """Where each image leaves at each threshold, from every exit's probabilities [E,N,K]."""
+    cum = np.asarray(cumulative_macs, dtype=np.float64)
+    n = exit_probs.shape[1]
+    correct = exit_probs.argmax(axis=2) == np.asarray(labels)[None, :]  # [E,N]
+    points = []
+    for t in thresholds:
+        taken = exit_indices(exit_probs, criterion, t)
+        mean_macs = float(cum[taken].mean())
+        points.append(SweepPoint(criterion, float(t), float(correct[taken, np.arange(n)].mean()), mean_macs,
+                                 mean_macs / full_macs,
+                                 tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n)))
+    return points

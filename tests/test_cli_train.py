@@ -32,7 +32,7 @@ def test_student_learns_from_teacher_and_eval_writes_json(tiny_student, tiny_dat
     assert result["images"] == 36 and len(result["exit_accuracy"]) == 4
     assert max(result["exit_accuracy"]) > 0.5  # colours are easy: far above chance (1/3)
     mp = result["sweeps"]["max-prob"]
-    assert all(abs(sum(p["exit_fractions"]) - 1) < 1e-9 for p in mp)
+    assert all(abs(sum(p["exit_shares"]) - 1) < 1e-9 for p in mp)
     assert "max-prob" in r.output and "entropy" in r.output
 
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 import torch
 
-from erde.runtime.criteria import CRITERIA
+from erde.runtime.criteria import CRITERIA, sweep
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import write_json_atomic
 
@@ -17,7 +17,7 @@ from . import distributed
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .cliutil import debug_option, friendly_errors
 from .data import Dataset, channel_stats, load_split, to_tensor, train_val_split
-from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy, sweep
+from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
 from .macs import exit_macs
 from .models import build_model, list_archs, model_config
@@ -320,7 +320,7 @@ def eval_cmd(checkpoint, data_path, split, criterion, thresholds, json_out):
     for crit, points in r["sweeps"].items():
         click.echo(f"\n{crit:>9}  accuracy  mean MACs   of full  exits taken (share per exit)")
         for p in points:
-            shares = " ".join(f"{s:.2f}" for s in p["exit_fractions"])
+            shares = " ".join(f"{s:.2f}" for s in p["exit_shares"])
             click.echo(f"{p['threshold']:>9g}  {p['accuracy'] * 100:7.2f}%  {p['mean_macs'] / 1e6:7.2f}M  "
                        f"{p['macs_fraction'] * 100:6.1f}%   {shares}")
     if json_out:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.criteria import exit_indices
 
 from .data import normalize
 from .models import EarlyExitResNet
@@ -20,19 +18,6 @@ DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
     "max-prob": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
     "entropy": (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
 }
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    criterion: str
-    threshold: float
-    accuracy: float  # in [0, 1]
-    mean_macs: float  # per image
-    macs_fraction: float  # mean_macs / MACs of the static network
-    exit_fractions: Tuple[float, ...]  # share of images leaving at each exit
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @torch.no_grad()
@@ -60,23 +45,6 @@ def exit_probs(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor,
 
 def per_exit_accuracy(probs: np.ndarray, labels: np.ndarray) -> List[float]:
     return [float((p.argmax(1) == labels).mean()) for p in probs]
-
-
-def sweep(probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
-          criterion: str, thresholds: Sequence[float]) -> List[SweepPoint]:
-    """Accuracy and mean MACs when each image leaves at the first exit that passes ``threshold``."""
-    cum = np.asarray(cumulative_macs, dtype=np.float64)
-    n = probs.shape[1]
-    points = []
-    for t in thresholds:
-        taken = exit_indices(probs, criterion, t)
-        pred = probs[taken, np.arange(n)].argmax(1)
-        mean_macs = float(cum[taken].mean())
-        points.append(SweepPoint(
-            criterion, float(t), float((pred == labels).mean()), mean_macs, mean_macs / full_macs,
-            tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n),
-        ))
-    return points
 
 
 @torch.no_grad()

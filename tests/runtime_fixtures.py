@@ -11,6 +11,8 @@ different exits.
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -129,3 +131,18 @@ def random_inputs(n: int, input_size: Tuple[int, int] = (8, 8), seed: int = 1) -
 def random_image(height: int = 12, width: int = 10, seed: int = 2) -> np.ndarray:
     """An HxWx3 uint8 image."""
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def torch_blocked_env(tmp_path: Path) -> dict:
+    """Environment in which ``import torch`` (and click, onnx) fails, as on a board with the runtime only."""
+    blocked = Path(tmp_path) / "blocked"
+    for name in ("torch", "click", "onnx"):
+        (blocked / name).mkdir(parents=True, exist_ok=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def console_command(script: str, module: str) -> List[str]:
+    """The installed console script, or ``python -m module`` when it is not installed."""
+    path = Path(sys.executable).parent / script
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]

@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from erde.runtime.datasets import DataError, image_folder_split, list_image_fold
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import load_manifest
 from erde.runtime.preprocess import preprocess
-from runtime_fixtures import make_model_folder, random_image
+from runtime_fixtures import console_command, torch_blocked_env, make_model_folder, random_image
 
 
 HEAD_SCALES = (0.5, 1.0, 3.0)  # early exits less sure than the last, so thresholds matter
@@ -291,13 +288,8 @@ def test_calibrated_folder_end_to_end_with_erde_run(capsys, model, data):
 
 
 def test_console_script_without_torch(tmp_path, model, data):
-    blocked = tmp_path / "blocked"
-    for name in ("torch", "click", "onnx"):
-        (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    script = Path(sys.executable).parent / "erde-calibrate"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "erde.runtime.calibrate"]
+    env = torch_blocked_env(tmp_path)
+    cmd = console_command("erde-calibrate", "erde.runtime.calibrate")
     proc = subprocess.run(cmd + [str(model), "--data", str(data), "--val-fraction", "0.5", "--threads", "1",
                                  "--criterion", "max-prob", "--json"],
                           capture_output=True, text=True, env=env, timeout=120)

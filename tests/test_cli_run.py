@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from erde.runtime import cli
 from erde.runtime import engine as engine_mod
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import Calibration
-from runtime_fixtures import make_model_folder, random_image
+from runtime_fixtures import console_command, torch_blocked_env, make_model_folder, random_image
 
 RUNTIME = Path(cli.__file__).resolve().parent
 JSON_KEYS = {"image", "class_index", "class_name", "confidence", "exit_index", "num_exits", "macs", "macs_fraction",
@@ -203,13 +202,8 @@ def test_runtime_parses_as_python_39():
 
 
 def test_erde_run_works_when_torch_cannot_be_imported(tmp_path, model, images):
-    blocked = tmp_path / "blocked"
-    for name in ("torch", "click", "onnx"):
-        (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    script = Path(sys.executable).parent / "erde-run"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "erde.runtime.cli"]
+    env = torch_blocked_env(tmp_path)
+    cmd = console_command("erde-run", "erde.runtime.cli")
     proc = subprocess.run(cmd + ["--model", str(model), "--folder", str(images), "--json", "--batch-size", "3"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr

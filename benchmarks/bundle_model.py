@@ -2,7 +2,7 @@
 
     python -m erde.benchmarks.bundle_model --data ../shared/datasets/cifar10
 
-Takes the ERDE student the study exported (``runs/cifar10-cpu/erde_onnx``; run the study first),
+Takes the ERDE student the study exported (``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``; run the study first),
 calibrates its threshold on the validation split (``erde-calibrate``: fewest MACs within
 ``--max-drop`` points of the final exit), records its test accuracy and MACs at that threshold in
 the manifest, and replaces the bundled folder atomically. Also draws the sample images in
@@ -68,7 +68,8 @@ def test_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
-    ap.add_argument("--study", type=Path, default=REPO / "runs" / "cifar10-cpu", help="the study's work folder")
+    cache = Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
+    ap.add_argument("--study", type=Path, default=cache / "study" / "cifar10-cpu", help="the study's work folder")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy drop allowed, in points")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

@@ -229,7 +229,9 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"),
                     help="CIFAR-10 image folder with train/ and test/ (env ERDE_DATA)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-    ap.add_argument("--work", type=Path, default=None, help="checkpoints and model folders (default runs/cifar10-BUDGET)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="checkpoints and model folders (default $ERDE_CACHE/study/cifar10-BUDGET, "
+                         "outside the checkout so that a fresh checkout can resume the study)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "cifar10")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the evaluation")
     args = ap.parse_args(argv)
@@ -246,7 +248,8 @@ def main(argv: Sequence[str] = None) -> int:
 def run_study(args, command: str) -> None:
     budget = BUDGETS[args.budget]
     data = Path(args.data).resolve()
-    work = (args.work or REPO / "runs" / f"cifar10-{args.budget}").resolve()
+    cache = Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
+    work = (args.work or cache / "study" / f"cifar10-{args.budget}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     timings = Timings(work / "timings.json")
     teacher = work / "teacher.pt"

@@ -211,7 +211,8 @@ def train(
         it = batches(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, gen,
                      train=True, flip=data.flip, rank=info.rank, world_size=info.world_size)
         bar = tqdm(it, total=steps, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress or info.rank != 0, leave=False, dynamic_ncols=True)
+                   disable=True if not progress or info.rank != 0 else None,  # None: only on a terminal
+                   leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps + i, total, cfg, info.world_size)

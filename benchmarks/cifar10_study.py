@@ -66,12 +66,29 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _finished(ckpt: Path) -> bool:
+def _finished(ckpt: Path, arch: str, epochs: int, seed: int) -> bool:
+    """Whether ``ckpt`` is a finished run of this step; a finished run of other settings is an error."""
     if not ckpt.exists():
         return False
     import torch
 
-    return bool(torch.load(ckpt, map_location="cpu", weights_only=True).get("progress", {}).get("finished"))
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if not c.get("progress", {}).get("finished"):
+        return False
+    args = c.get("train_args", {})
+    have = (args.get("arch"), args.get("train", {}).get("epochs"), args.get("train", {}).get("seed"))
+    if have != (arch, epochs, seed):
+        raise ErdeError(f"{ckpt}: a finished run of (arch, epochs, seed) = {have}, this budget wants "
+                        f"{(arch, epochs, seed)}; use another --work folder or remove the file")
+    return True
+
+
+def train_seconds(ckpt: Path) -> float:
+    """Training time summed over the epochs recorded in the checkpoint (whoever ran them)."""
+    import torch
+
+    history = torch.load(ckpt, map_location="cpu", weights_only=True).get("metrics", {}).get("history", [])
+    return round(sum(h.get("epoch_seconds", 0.0) for h in history), 1)
 
 
 def _erde(tool: str, *args) -> None:
@@ -98,7 +115,7 @@ class Timings:
 
 
 def train_step(kind: str, out: Path, data: Path, arch: str, epochs: int, seed: int, extra: Sequence = ()) -> None:
-    if _finished(out):
+    if _finished(out, arch, epochs, seed):
         _log(f"reusing {out}")
         return
     _erde("erde-train", kind, "--data", data, "--out", out, "--arch", arch, "--epochs", epochs, "--seed", seed,
@@ -279,6 +296,7 @@ def run_study(args, command: str) -> None:
             evaluate(work / f"{n}_onnx", n, (images, labels), work / f"eval_{n}.json", args.threads)))
     meta = {"budget": args.budget, "budget_config": asdict(budget), "beta_choice": choice, "machine": machine(),
             "git_commit": git_commit(), "command": command, "timings_s": timings.data,
+            "train_seconds_from_checkpoints": {n: train_seconds(c) for n, c in models.items()},
             "test_images": int(len(labels)), "seeds": [budget.seed]}
     write_report(args.results, results, meta)
     _log(f"report written to {args.results}")

@@ -184,8 +184,13 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
                      f"{_pct(r['kd_accuracy'])} | {r['kd_mean_macs'] / 1e6:.2f}M | "
                      f"{r['accuracy_difference'] * 100:+.2f} |")
     lines += ["", "`erde_beta0` is the ablation: KD masked to teacher-right images, without the entropy term.",
-              "", "## Wall time of each step (seconds, this machine)", ""]
+              "", "## Time (seconds, this machine)", "",
+              "Wall time of each step of the study command (a step reused from an earlier run counts only the "
+              "check):", ""]
     lines += [f"- {k}: {v:.0f}" for k, v in meta["timings_s"].items()]
+    lines += ["", "Training time recorded in each checkpoint (sum over its epochs, whichever session ran them; "
+              "epochs that shared the CPU with other work took longer):", ""]
+    lines += [f"- {k}: {v:.0f}" for k, v in meta.get("train_seconds_from_checkpoints", {}).items()]
     lines += ["", f"Files: `{POINTS_CSV}` (every method, criterion and threshold), `{EXITS_CSV}` "
               f"(per-exit accuracy), `{SUMMARY_JSON}` (these claims), `plot.png`.", ""]
     return "\n".join(lines)

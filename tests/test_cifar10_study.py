@@ -43,3 +43,22 @@ def test_bad_data_is_one_error_line(tmp_path, capsys):
     assert study.main(["--data", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error:")
+
+
+def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
+    import torch
+
+    from erde.runtime.errors import ErdeError
+
+    ckpt = tmp_path / "teacher.pt"
+    assert not study._finished(ckpt, "resnet32_ee", 10, 0)
+    run = {"progress": {"finished": False}, "train_args": {"arch": "resnet32_ee", "train": {"epochs": 10, "seed": 0}},
+           "metrics": {"history": [{"epoch_seconds": 1.5}, {"epoch_seconds": 2.0}]}}
+    torch.save(run, ckpt)
+    assert not study._finished(ckpt, "resnet32_ee", 10, 0)  # unfinished: the step resumes it
+    run["progress"]["finished"] = True
+    torch.save(run, ckpt)
+    assert study._finished(ckpt, "resnet32_ee", 10, 0)
+    with pytest.raises(ErdeError, match="another --work"):
+        study._finished(ckpt, "resnet32_ee", 8, 0)
+    assert study.train_seconds(ckpt) == 3.5

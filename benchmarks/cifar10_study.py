@@ -241,6 +241,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def _seed_list(text: str) -> List[int]:
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as comma-separated integers, e.g. 0,1") from None
+    if len(set(seeds)) != len(seeds) or any(v < 0 for v in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct non-negative integers")
+    return seeds
+
+
+def student_name(method: str, seed: int, budget: Budget) -> str:
+    """File stem of a student; the budget's own seed keeps the plain name, so earlier runs are reused."""
+    return method if seed == budget.seed else f"{method}_seed{seed}"
+
+
 def main(argv: Sequence[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"),
@@ -251,6 +266,9 @@ def main(argv: Sequence[str] = None) -> int:
                          "outside the checkout so that a fresh checkout can resume the study)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "cifar10")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the evaluation")
+    ap.add_argument("--seeds", type=_seed_list, default=None,
+                    help="student seeds, comma-separated, e.g. 0,1 (default: the budget's seed); every student "
+                         "is trained once per seed from the one teacher, and the report shows the spread")
     args = ap.parse_args(argv)
     try:
         if args.data is None or not (Path(args.data) / "train").is_dir():
@@ -281,23 +299,29 @@ def run_study(args, command: str) -> None:
         "erde": student_args(budget, teacher, "erde", choice["beta"]),
         "erde_beta0": student_args(budget, teacher, "erde", 0.0),
     }
-    for name, extra in students.items():
-        timings.run(f"train student {name}", lambda n=name, e=extra: train_step(
-            "student", work / f"student_{n}.pt", data, budget.student_arch, budget.student_epochs, budget.seed, e))
-    models = {"teacher": teacher, **{n: work / f"student_{n}.pt" for n in students}}
-    for name, ckpt in models.items():
-        out = work / f"{name}_onnx"
+    seeds = args.seeds or [budget.seed]
+    models = {"teacher": ("teacher", budget.seed, teacher)}  # stem: (method, seed, checkpoint)
+    for seed in seeds:
+        for method, extra in students.items():
+            stem = student_name(method, seed, budget)
+            ckpt = work / f"student_{stem}.pt"
+            timings.run(f"train student {stem}", lambda c=ckpt, e=extra, sd=seed: train_step(
+                "student", c, data, budget.student_arch, budget.student_epochs, sd, e))
+            models[stem] = (method, seed, ckpt)
+    for stem, (_, _, ckpt) in models.items():
+        out = work / f"{stem}_onnx"
         if not (out / "manifest.json").exists():
-            timings.run(f"export {name}", lambda c=ckpt, o=out: _erde("erde-export", c, "--out", o))
+            timings.run(f"export {stem}", lambda c=ckpt, o=out: _erde("erde-export", c, "--out", o))
     images, labels, _ = load_test_split(data)
     results = []
-    for name in models:
-        timings.run(f"evaluate {name} (test, ONNX Runtime)", lambda n=name: results.append(
-            evaluate(work / f"{n}_onnx", n, (images, labels), work / f"eval_{n}.json", args.threads)))
+    for stem, (method, seed, _) in models.items():
+        timings.run(f"evaluate {stem} (test, ONNX Runtime)", lambda s=stem, m=method: results.append(
+            evaluate(work / f"{s}_onnx", m, (images, labels), work / f"eval_{s}.json", args.threads)))
+        results[-1]["seed"] = seed
     meta = {"budget": args.budget, "budget_config": asdict(budget), "beta_choice": choice, "machine": machine(),
             "git_commit": git_commit(), "command": command, "timings_s": timings.data,
-            "train_seconds_from_checkpoints": {n: train_seconds(c) for n, c in models.items()},
-            "test_images": int(len(labels)), "seeds": [budget.seed]}
+            "train_seconds_from_checkpoints": {s: train_seconds(c) for s, (_, _, c) in models.items()},
+            "test_images": int(len(labels)), "seeds": seeds}
     write_report(args.results, results, meta)
     _log(f"report written to {args.results}")
 

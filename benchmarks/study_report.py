@@ -1,7 +1,10 @@
 """Report of the CIFAR-10 study: CSV files, the claims derived from them, markdown and a plot.
 
 Every claim in the summary is computed by ``summarize`` from the two CSV files alone, so
-a test can re-derive the summary from the committed CSVs.
+a test can re-derive the summary from the committed CSVs. With several seeds, a method's
+curve is the mean over its seeds, and a difference between two methods counts as a win or
+a loss only when it is larger than the seed-to-seed range (max - min) of either method at
+that point; otherwise it is a tie ("no difference").
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ def rows_from_results(results: Sequence[Dict]) -> (List[Dict], List[Dict]):
     points, exits = [], []
     for r in results:
         for p in r["points"]:
-            row = {"method": r["method"], "criterion": p["criterion"], "threshold": p["threshold"],
+            row = {"method": r["method"], "seed": r.get("seed", 0), "criterion": p["criterion"],
+                   "threshold": p["threshold"],
                    "test_accuracy": round(p["accuracy"], 6), "mean_macs": round(p["mean_macs"], 1)}
             for k, s in enumerate(p["exit_shares"]):
                 row[f"share_exit_{k + 1}"] = round(s, 6)
             points.append(row)
         for k, (a, m) in enumerate(zip(r["exit_accuracy"], r["cumulative_macs"])):
-            exits.append({"method": r["method"], "exit": k + 1, "test_accuracy": round(a, 6),
+            exits.append({"method": r["method"], "seed": r.get("seed", 0), "exit": k + 1,
+                          "test_accuracy": round(a, 6),
                           "cumulative_macs": int(m), "full_macs": int(r["full_macs"])})
     return points, exits
 
@@ -55,20 +60,44 @@ def to_csv(rows: List[Dict]) -> str:
 
 
 def read_csv(path: Path) -> List[Dict]:
+    def value(k, v):
+        return v if k in ("method", "criterion") else int(v) if k in ("seed", "exit") else float(v)
+
     with open(path, newline="") as fh:
-        return [{k: (v if k in ("method", "criterion") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def _curve(points: List[Dict], method: str, criterion: str):
-    pts = sorted((p["mean_macs"], p["test_accuracy"]) for p in points
+def over_seeds(rows: List[Dict], key: Sequence[str], values: Sequence[str]) -> List[Dict]:
+    """Mean of ``values`` over the seeds of each ``key``; adds ``seeds`` and ``accuracy_range`` (max - min)."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in key), []).append(r)
+    out = []
+    for k, rs in groups.items():
+        row = dict(zip(key, k))
+        for v in values:
+            row[v] = float(np.mean([r[v] for r in rs]))
+        accs = [r["test_accuracy"] for r in rs]
+        row.update(seeds=len(rs), accuracy_range=float(max(accs) - min(accs)))
+        out.append(row)
+    return out
+
+
+def _curve(points: List[Dict], method: str, criterion: str, value: str = "test_accuracy"):
+    pts = sorted((p["mean_macs"], p[value]) for p in points
                  if p["method"] == method and p["criterion"] == criterion)
     return np.array([m for m, _ in pts]), np.array([a for _, a in pts])
+
+
+def _verdict(difference: float, noise: float) -> int:
+    """+1 a win, -1 a loss, 0 a tie: a difference within the seed-to-seed range is no difference."""
+    return 0 if abs(difference) <= noise else (1 if difference > 0 else -1)
 
 
 def _matched(points, a: str, b: str, criterion: str) -> List[Dict]:
     """Each point of method a against method b's accuracy interpolated at the same mean MACs."""
     bm, ba = _curve(points, b, criterion)
+    _, br = _curve(points, b, criterion, "accuracy_range")
     out = []
     for p in points:
         if p["method"] != a or p["criterion"] != criterion:
@@ -76,37 +105,48 @@ def _matched(points, a: str, b: str, criterion: str) -> List[Dict]:
         if len(bm) == 0 or not bm[0] <= p["mean_macs"] <= bm[-1]:
             continue  # outside b's MAC range: no interpolation
         other = float(np.interp(p["mean_macs"], bm, ba))
+        noise = max(p["accuracy_range"], float(np.interp(p["mean_macs"], bm, br)))
+        d = p["test_accuracy"] - other
         out.append({"threshold": p["threshold"], "mean_macs": p["mean_macs"], a: p["test_accuracy"], b: other,
-                    "difference": p["test_accuracy"] - other})
+                    "difference": d, "seed_range": noise, "verdict": _verdict(d, noise)})
     return out
 
 
 def _per_threshold(points, a: str, b: str, criterion: str) -> List[Dict]:
     pa = {p["threshold"]: p for p in points if p["method"] == a and p["criterion"] == criterion}
     pb = {p["threshold"]: p for p in points if p["method"] == b and p["criterion"] == criterion}
-    return [{"threshold": t, f"{a}_accuracy": pa[t]["test_accuracy"], f"{b}_accuracy": pb[t]["test_accuracy"],
-             f"{a}_mean_macs": pa[t]["mean_macs"], f"{b}_mean_macs": pb[t]["mean_macs"],
-             "accuracy_difference": pa[t]["test_accuracy"] - pb[t]["test_accuracy"]}
-            for t in sorted(set(pa) & set(pb))]
+    out = []
+    for t in sorted(set(pa) & set(pb)):
+        d = pa[t]["test_accuracy"] - pb[t]["test_accuracy"]
+        noise = max(pa[t]["accuracy_range"], pb[t]["accuracy_range"])
+        out.append({"threshold": t, f"{a}_accuracy": pa[t]["test_accuracy"], f"{b}_accuracy": pb[t]["test_accuracy"],
+                    f"{a}_mean_macs": pa[t]["mean_macs"], f"{b}_mean_macs": pb[t]["mean_macs"],
+                    "accuracy_difference": d, "seed_range": noise, "verdict": _verdict(d, noise)})
+    return out
 
 
 def summarize(points: List[Dict], exits: List[Dict]) -> Dict:
-    """All claims of the summary, from the CSV rows only."""
-    teacher = [e for e in exits if e["method"] == "teacher"]
-    teacher_final = max(teacher, key=lambda e: e["exit"])
+    """All claims of the summary, from the CSV rows only (means over seeds)."""
+    points = over_seeds(points, ("method", "criterion", "threshold"), ("test_accuracy", "mean_macs"))
+    exits = over_seeds(exits, ("method", "exit"), ("test_accuracy", "cumulative_macs", "full_macs"))
+    seeds = {p["method"]: p["seeds"] for p in points}
+    teacher_final = max((e for e in exits if e["method"] == "teacher"), key=lambda e: e["exit"])
     t_acc, t_macs = teacher_final["test_accuracy"], teacher_final["full_macs"]
-    s = {"teacher_final_accuracy": t_acc, "teacher_full_macs": t_macs, "comparisons": {}}
+    s = {"teacher_final_accuracy": t_acc, "teacher_full_macs": t_macs, "seeds_per_method": seeds,
+         "comparisons": {}}
     for a, b in (("erde", "kd"), ("erde", "ce"), ("erde", "erde_beta0"), ("kd", "ce")):
         for criterion in ("max-prob", "entropy"):
             per_t = _per_threshold(points, a, b, criterion)
             matched = _matched(points, a, b, criterion)
             s["comparisons"][f"{a} vs {b} ({criterion})"] = {
                 "per_threshold": per_t,
-                "wins_at_threshold": sum(r["accuracy_difference"] > 0 for r in per_t),
-                "losses_at_threshold": sum(r["accuracy_difference"] < 0 for r in per_t),
+                "wins_at_threshold": sum(r["verdict"] > 0 for r in per_t),
+                "ties_at_threshold": sum(r["verdict"] == 0 for r in per_t),
+                "losses_at_threshold": sum(r["verdict"] < 0 for r in per_t),
                 "matched_macs": matched,
-                "wins_at_matched_macs": sum(r["difference"] > 0 for r in matched),
-                "losses_at_matched_macs": sum(r["difference"] < 0 for r in matched),
+                "wins_at_matched_macs": sum(r["verdict"] > 0 for r in matched),
+                "ties_at_matched_macs": sum(r["verdict"] == 0 for r in matched),
+                "losses_at_matched_macs": sum(r["verdict"] < 0 for r in matched),
                 "mean_difference_at_matched_macs": (float(np.mean([r["difference"] for r in matched]))
                                                     if matched else None),
             }
@@ -130,18 +170,36 @@ def _pct(v: Optional[float]) -> str:
     return "—" if v is None else f"{v * 100:.2f}%"
 
 
+def _pct_range(row: Dict) -> str:
+    """Mean accuracy, with the seed-to-seed range when there are several seeds."""
+    if row["seeds"] < 2:
+        return _pct(row["test_accuracy"])
+    return f"{row['test_accuracy'] * 100:.2f}% (range {row['accuracy_range'] * 100:.2f})"
+
+
+def _seeds_line(seeds: Dict[str, int]) -> str:
+    students = sorted({n for m, n in seeds.items() if m != "teacher"})
+    if students == [1]:
+        return ("- One seed per student: the spread between seeds is not measured, so small differences may be "
+                "noise.")
+    return (f"- Seeds per student: {', '.join(f'{m} {n}' for m, n in seeds.items() if m != 'teacher')} (one "
+            "teacher). Accuracies are means over seeds; a difference no larger than the seed-to-seed range "
+            "(max - min) of either method is counted as a tie, not a win or a loss.")
+
+
 def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
     b = meta["budget_config"]
+    exits = over_seeds(exits, ("method", "exit"), ("test_accuracy", "cumulative_macs", "full_macs"))
     lines = [
         "# CIFAR-10 study: ERDE vs KD vs CE (generated by `benchmarks/cifar10_study.py`)",
         "",
         f"- Command: `{meta['command']}` (budget `{meta['budget']}`), git commit `{meta['git_commit']}`",
         f"- Machine: {meta['machine']}",
         f"- Teacher `{b['teacher_arch']}` ({b['teacher_epochs']} epochs); students `{b['student_arch']}` "
-        f"({b['student_epochs']} epochs each, seed {b['seed']}, same schedule, only the loss differs)",
+        f"({b['student_epochs']} epochs each, same seeds and schedule, only the loss differs)",
         f"- Test split: {meta['test_images']} images, evaluated with the ONNX Runtime engine on the exported models.",
-        "- MACs: multiply-accumulates of Conv and Linear layers per image. One seed only: the spread between "
-        "seeds is not measured, so small differences may be noise.",
+        "- MACs: multiply-accumulates of Conv and Linear layers per image.",
+        _seeds_line(s["seeds_per_method"]),
         f"- beta (entropy weight) chosen on the validation split: **{meta['beta_choice']['beta']}** — "
         f"{meta['beta_choice']['rule']} Scores: {meta['beta_choice']['scores']}. alpha = {b['alpha']}, "
         f"T = {b['temperature']}.",
@@ -154,7 +212,7 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
     for method in ("teacher",) + STUDENTS:
         rows = sorted((e for e in exits if e["method"] == method), key=lambda e: e["exit"])
         if rows:
-            lines.append(f"| {method} | " + " | ".join(_pct(e["test_accuracy"]) for e in rows) + " | "
+            lines.append(f"| {method} | " + " | ".join(_pct_range(e) for e in rows) + " | "
                          + ", ".join(f"{e['cumulative_macs'] / 1e6:.2f}M" for e in rows) + " |")
     lines += ["", f"Teacher final exit: {_pct(s['teacher_final_accuracy'])} at "
               f"{s['teacher_full_macs'] / 1e6:.2f}M MACs (static network).", "",
@@ -170,19 +228,20 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
             lines.append(f"- {method}: never within 1 point of the teacher; its best is {_pct(r['best_accuracy'])} "
                          f"({p['criterion']} t={p['threshold']:g}, {p['mean_macs'] / 1e6:.2f}M MACs)")
     lines += ["", "## ERDE against the baselines", "",
-              "| comparison | wins / losses at the same threshold | wins / losses at matched MACs | "
+              "| comparison | wins / ties / losses at the same threshold | wins / ties / losses at matched MACs | "
               "mean accuracy difference at matched MACs |", "|---|---|---|---|"]
     for name, c in s["comparisons"].items():
         mean = c["mean_difference_at_matched_macs"]
-        lines.append(f"| {name} | {c['wins_at_threshold']} / {c['losses_at_threshold']} | "
-                     f"{c['wins_at_matched_macs']} / {c['losses_at_matched_macs']} | "
+        lines.append(f"| {name} | {c['wins_at_threshold']} / {c['ties_at_threshold']} / {c['losses_at_threshold']} | "
+                     f"{c['wins_at_matched_macs']} / {c['ties_at_matched_macs']} / {c['losses_at_matched_macs']} | "
                      f"{'—' if mean is None else f'{mean * 100:+.2f} points'} |")
     lines += ["", "### ERDE vs KD, max-prob criterion, threshold by threshold", "",
-              "| t | ERDE acc | ERDE MACs | KD acc | KD MACs | difference |", "|---|---|---|---|---|---|"]
+              "| t | ERDE acc | ERDE MACs | KD acc | KD MACs | difference | seed range |",
+              "|---|---|---|---|---|---|---|"]
     for r in s["comparisons"]["erde vs kd (max-prob)"]["per_threshold"]:
         lines.append(f"| {r['threshold']:g} | {_pct(r['erde_accuracy'])} | {r['erde_mean_macs'] / 1e6:.2f}M | "
                      f"{_pct(r['kd_accuracy'])} | {r['kd_mean_macs'] / 1e6:.2f}M | "
-                     f"{r['accuracy_difference'] * 100:+.2f} |")
+                     f"{r['accuracy_difference'] * 100:+.2f} | {r['seed_range'] * 100:.2f} |")
     lines += ["", "`erde_beta0` is the ablation: KD masked to teacher-right images, without the entropy term.",
               "", "## Time (seconds, this machine)", "",
               "Wall time of each step of the study command (a step reused from an earlier run counts only the "
@@ -204,16 +263,20 @@ def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    points = over_seeds(points, ("method", "criterion", "threshold"), ("test_accuracy", "mean_macs"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, style in (("teacher", "k-"), ("erde", "C0-"), ("kd", "C1-"), ("ce", "C2-"), ("erde_beta0", "C3--")):
         m, a = _curve(points, method, "max-prob")
+        _, r = _curve(points, method, "max-prob", "accuracy_range")
         if len(m):
             ax.plot(m / 1e6, a * 100, style, marker="o", ms=3, label=method)
+            if r.any():  # several seeds: shade mean +- half the range
+                ax.fill_between(m / 1e6, (a - r / 2) * 100, (a + r / 2) * 100, color=style[:2], alpha=0.15, lw=0)
     t = max((e for e in exits if e["method"] == "teacher"), key=lambda e: e["exit"])
     ax.axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
     ax.set_xlabel("mean MACs per image (millions)")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("Accuracy against MACs, max-prob threshold sweep")
+    ax.set_title("Accuracy against MACs, max-prob threshold sweep (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -62,3 +62,14 @@ def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
     with pytest.raises(ErdeError, match="another --work"):
         study._finished(ckpt, "resnet32_ee", 8, 0)
     assert study.train_seconds(ckpt) == 3.5
+
+
+def test_seed_list_and_student_names(capsys):
+    budget = study.BUDGETS["cpu"]
+    assert study._seed_list("0,1") == [0, 1]
+    assert study.student_name("erde", budget.seed, budget) == "erde"  # earlier single-seed runs are reused
+    assert study.student_name("erde", 1, budget) == "erde_seed1"
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(SystemExit):
+            study.main(["--seeds", bad])
+        assert "seeds" in capsys.readouterr().err

@@ -47,6 +47,28 @@ def test_claims_on_made_up_results(tmp_path):
     assert on_disk == json.loads(json.dumps(summarize(read_csv(tmp_path / POINTS_CSV), read_csv(tmp_path / EXITS_CSV))))
 
 
+def test_a_difference_within_the_seed_range_is_a_tie(tmp_path):
+    teacher = _result("teacher", [0.7, 0.8, 0.85, 0.90], [40, 60, 80, 100], 99, [(0.5, 0.80, 60), (0.9, 0.89, 90)])
+    results = [teacher]
+    # Two seeds: at t=0.5 ERDE's mean is 1 point above KD's but the seeds differ by 3 points (a tie);
+    # at t=0.9 ERDE is 5 points above with ranges of 1 point (a win).
+    for seed, (e5, e9, k5, k9) in enumerate([(0.84, 0.905, 0.84, 0.86), (0.87, 0.895, 0.85, 0.85)]):
+        for method, a5, a9 in (("erde", e5, e9), ("kd", k5, k9), ("ce", k5, k9), ("erde_beta0", k5, k9)):
+            r = _result(method, [0.6, 0.7, 0.8, 0.88], [10, 15, 20, 25], 24, [(0.5, a5, 12), (0.9, a9, 20)])
+            r["seed"] = seed
+            results.append(r)
+    s = write_report(tmp_path, results, _meta())
+    assert s["seeds_per_method"] == {"teacher": 1, "erde": 2, "kd": 2, "ce": 2, "erde_beta0": 2}
+    c = s["comparisons"]["erde vs kd (max-prob)"]
+    assert (c["wins_at_threshold"], c["ties_at_threshold"], c["losses_at_threshold"]) == (1, 1, 0)
+    t5 = c["per_threshold"][0]
+    assert t5["accuracy_difference"] == pytest.approx(0.01) and t5["seed_range"] == pytest.approx(0.03)
+    assert s["largest_mac_reduction_within_1_point"]["erde"]["point"]["test_accuracy"] == pytest.approx(0.9)
+    text = (tmp_path / "README.md").read_text()
+    assert "counted as a tie" in text and "(range 0.00)" in text
+    assert s == json.loads(json.dumps(summarize(read_csv(tmp_path / POINTS_CSV), read_csv(tmp_path / EXITS_CSV))))
+
+
 def test_committed_summary_follows_from_committed_csvs():
     if not (RESULTS / POINTS_CSV).exists():
         pytest.skip(f"no committed study results in {RESULTS} yet")

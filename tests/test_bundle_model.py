@@ -1,6 +1,18 @@
+"""The bundle builder, and the committed bundle itself: what `pip install '.[runtime]'` ships."""
+
+import fnmatch
+import subprocess
+import tomllib
+from pathlib import Path
+
 from PIL import Image
 
 from erde.benchmarks import bundle_model
+from erde.runtime.engine import Engine
+from erde.runtime.manifest import load_manifest
+from runtime_fixtures import console_command, torch_blocked_env
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_samples_are_drawn(tmp_path):
@@ -14,3 +26,38 @@ def test_needs_the_study_first(tmp_path, capsys):
     assert bundle_model.main(["--study", str(tmp_path), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and "run the study first" in err
+
+
+
+def test_the_bundled_model_is_calibrated_and_carries_its_test_metrics():
+    m = load_manifest(bundle_model.BUNDLED)
+    cal = m.calibration
+    assert cal is not None and cal.mode == "accuracy-drop" and 0 < cal.threshold < 1
+    assert (m.default_criterion, m.default_threshold) == (cal.criterion, cal.threshold)
+    # The choice keeps its promise on the validation split, and the test numbers are recorded beside it.
+    assert m.metrics["calibration_val_accuracy_final_exit"] - cal.val_accuracy <= cal.target / 100 + 1e-9
+    assert 0 < m.metrics["test_macs_fraction_calibrated"] < 1
+    assert m.metrics["test_images"] == 10000 and 0.1 < m.metrics["test_accuracy_calibrated"] <= 1
+    size = sum(p.stat().st_size for p in bundle_model.BUNDLED.iterdir())
+    assert size < 5_000_000, "the bundled model should stay a few MB at most"
+    engine = Engine.load(bundle_model.BUNDLED, threads=1, shared_pool=False)  # every sha256 checks out
+    (p,) = engine.predict([bundle_model.SAMPLES / "ship.png"])
+    assert p.class_name in m.class_names
+
+
+def test_every_bundled_file_is_package_data():
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["erde.runtime"]
+    runtime = REPO / "runtime"
+    files = [p.relative_to(runtime).as_posix() for d in (bundle_model.BUNDLED, bundle_model.SAMPLES)
+             for p in d.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files
+
+
+def test_erde_run_uses_the_bundled_model_without_torch(tmp_path):
+    proc = subprocess.run(console_command("erde-run", "erde.runtime.cli")
+                          + ["--image", str(bundle_model.SAMPLES / "airplane.png"), "--threads", "1"],
+                          capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, line = proc.stdout.splitlines()
+    assert "(calibrated)" in header and str(bundle_model.BUNDLED) in header
+    assert line.startswith(f"{bundle_model.SAMPLES / 'airplane.png'}: ") and "of full MACs" in line and " ms" in line

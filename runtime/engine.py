@@ -414,8 +414,37 @@ class Engine:
                                    f"{MANIFEST_NAME}); re-export the model folder")
         return outputs
 
+    def _prediction(self, class_index: int, confidence: float, exit_index: int, cum_ms: List[float],
+                    times_ms: List[float]) -> Prediction:
+        macs = self._cum_macs[exit_index]
+        return Prediction(
+            class_index=class_index, class_name=self.manifest.class_names[class_index], confidence=confidence,
+            exit_index=exit_index, num_exits=len(self._stages), macs=macs, macs_fraction=macs / self._full_macs,
+            latency_ms=cum_ms[exit_index], segment_latency_ms=tuple(times_ms[:exit_index + 1]))
+
+    def _run_one(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool) -> Prediction:
+        """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction."""
+        last = len(self._stages) - 1
+        feed = x
+        marks = []
+        start = time.perf_counter()
+        for k, stage in enumerate(self._stages):
+            outputs = self._run_stage(stage, feed)
+            probs = outputs[0][0]
+            leave = k == last or (early_exit and bool(criteria.passes(probs, criterion, threshold)))
+            marks.append(time.perf_counter())
+            if leave:
+                break
+            feed = outputs[1]
+        cum_ms = [(t - start) * 1000.0 for t in marks]
+        times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
+        c = int(probs.argmax())
+        return self._prediction(c, float(probs[c]), k, cum_ms, times_ms)
+
     def _run(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool = True) -> List[Prediction]:
         n = x.shape[0]
+        if n == 1:
+            return [self._run_one(x, criterion, threshold, early_exit)]
         last = len(self._stages) - 1
         classes = np.empty(n, dtype=np.int64)
         confidence = np.empty(n, dtype=np.float32)
@@ -450,15 +479,8 @@ class Engine:
                 feed = outputs[1]
         times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
         cum_ms = [(t - start) * 1000.0 for t in marks]
-        names = self.manifest.class_names
-        result = []
-        for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist()):
-            macs = self._cum_macs[e]
-            result.append(Prediction(
-                class_index=c, class_name=names[c], confidence=conf, exit_index=e, num_exits=last + 1,
-                macs=macs, macs_fraction=macs / self._full_macs, latency_ms=cum_ms[e],
-                segment_latency_ms=tuple(times_ms[:e + 1])))
-        return result
+        return [self._prediction(c, conf, e, cum_ms, times_ms)
+                for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist())]
 
 
 def _check_batch_size(batch_size: Any) -> int:

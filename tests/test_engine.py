@@ -82,6 +82,8 @@ def test_exits_match_numpy_reference(folder, eng, criterion, thresholds):
     for t in thresholds:
         got = triples(eng.predict_array(X, t, criterion))
         assert got == reference(folder, X, criterion, t), (criterion, t)
+        one_by_one = [triples(eng.predict_array(X[i:i + 1], t, criterion))[0] for i in range(len(X))]
+        assert one_by_one == got, (criterion, t)  # the batch-1 path
         mixed |= len({e for _, e, _ in got}) == 3
     assert mixed, "the fixture model should send samples to all three exits at some threshold"
 
@@ -148,7 +150,8 @@ def test_predict_images_batch_equals_single(eng):
 
 def test_prediction_fields(eng, folder):
     m = eng.manifest
-    for p in eng.predict_array(X, 0.9, "max-prob"):
+    singles = [eng.predict_array(X[i:i + 1], 0.9, "max-prob")[0] for i in range(len(X))]
+    for p in eng.predict_array(X, 0.9, "max-prob") + singles:
         assert isinstance(p, Prediction)
         assert p.num_exits == 3 and p.class_name == f"class{p.class_index}"
         assert p.macs == m.segments[p.exit_index].cumulative_macs

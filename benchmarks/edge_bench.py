@@ -614,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="erde-bench", description="Benchmark an early-exit model folder on this machine: latency "
                 "percentiles, throughput, cold start and memory, against full.onnx and (with --checkpoint and "
                 "torch) a PyTorch eager early-exit loop.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by erde-export")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="model folder written by erde-export (default: the bundled CIFAR-10 model)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
     p.add_argument("--thresholds", type=_thresholds, metavar="T,T,...",
                    help="exit thresholds to measure (default: 0.5,0.8,0.9,0.95,0.99 for max-prob, "
@@ -646,13 +647,14 @@ def _say(out: TextIO, text: str) -> None:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
+    from erde.runtime.cli import model_folder
     from erde.runtime.engine import Engine
 
     if args.provider not in _available_providers():
         raise ErdeError(f"onnxruntime provider {args.provider!r} is not available here; available: "
                         f"{', '.join(_available_providers())}")
     files = find_images(args.images)
-    engine = Engine.load(args.model_dir, threads=args.threads, providers=[args.provider])
+    engine = Engine.load(model_folder(args.model_dir), threads=args.threads, providers=[args.provider])
     m = engine.manifest
     out_dir = Path(args.out) if args.out else default_out()
     try:

@@ -51,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_folder(arg: Optional[str]) -> Path:
+def model_folder(arg: Optional[str]) -> Path:
+    """The folder given, else the bundled model when it is installed."""
     if arg:
         return Path(arg)
     if (BUNDLED_MODEL / MANIFEST_NAME).is_file():
         return BUNDLED_MODEL
-    raise ErdeError("no --model given and no bundled model is installed; "
-                    "pass --model DIR (a folder written by erde-export)")
+    raise ErdeError("no model folder given and no bundled model is installed; pass a folder written by "
+                    "erde-export (erde-run --model DIR, erde-bench DIR)")
 
 
 def _human(name: str, pred) -> str:
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     if not args.image and not args.folder:
         raise UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
-    engine = Engine.load(_model_folder(args.model), threads=args.threads)
+    engine = Engine.load(model_folder(args.model), threads=args.threads)
     criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
     paths: List[Path] = [Path(p) for p in args.image]
     for folder in args.folder:

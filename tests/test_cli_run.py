@@ -155,8 +155,8 @@ def test_bad_options_one_error_line(capsys, model, images, tmp_path, args, messa
 def test_no_model_and_no_bundled_model(capsys, monkeypatch, tmp_path, images):
     monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "models" / "cifar10")
     rc, _, err = run(capsys, "--image", images / "img0.png")
-    assert rc == 2 and err == ("Error: no --model given and no bundled model is installed; "
-                               "pass --model DIR (a folder written by erde-export)\n")
+    assert rc == 2 and err == ("Error: no model folder given and no bundled model is installed; pass a folder "
+                               "written by erde-export (erde-run --model DIR, erde-bench DIR)\n")
     monkeypatch.setattr(cli, "BUNDLED_MODEL", make_model_folder(tmp_path / "models", name="cifar10"))
     rc, out, _ = run(capsys, "--image", images / "img0.png", "--threads", 1)
     assert rc == 0 and "cifar10" in out.splitlines()[0]

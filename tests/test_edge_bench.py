@@ -155,6 +155,18 @@ def test_unreadable_images_are_skipped_or_fatal(capsys, model, images, tmp_path)
     assert "skipped: 1 unreadable image file(s)" in out
 
 
+def test_model_dir_defaults_to_the_bundled_model(capsys, monkeypatch, model, images, tmp_path):
+    from erde.runtime import cli
+
+    monkeypatch.setattr(cli, "BUNDLED_MODEL", model)
+    rc, out, err = run(capsys, "--images", images, "--out", tmp_path / "out", "--cold-starts", "0", "--no-plot", *FAST)
+    assert rc == 0, err
+    assert f"({model})" in out.splitlines()[0]
+    monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "none")
+    rc, out, err = run(capsys, "--images", images, "--out", tmp_path / "out2", *FAST)
+    assert rc == 2 and err.startswith("Error: no model folder given") and len(err.splitlines()) == 1
+
+
 def test_default_out_folder_names_the_host():
     out = edge_bench.default_out()
     assert out.parent == Path("benchmarks/results") and out.name.startswith("edge-")

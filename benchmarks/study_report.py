@@ -264,21 +264,27 @@ def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
     except ImportError:
         return False
     points = over_seeds(points, ("method", "criterion", "threshold"), ("test_accuracy", "mean_macs"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, style in (("teacher", "k-"), ("erde", "C0-"), ("kd", "C1-"), ("ce", "C2-"), ("erde_beta0", "C3--")):
-        m, a = _curve(points, method, "max-prob")
-        _, r = _curve(points, method, "max-prob", "accuracy_range")
-        if len(m):
-            ax.plot(m / 1e6, a * 100, style, marker="o", ms=3, label=method)
-            if r.any():  # several seeds: shade mean +- half the range
-                ax.fill_between(m / 1e6, (a - r / 2) * 100, (a + r / 2) * 100, color=style[:2], alpha=0.15, lw=0)
     t = max((e for e in exits if e["method"] == "teacher"), key=lambda e: e["exit"])
-    ax.axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
-    ax.set_xlabel("mean MACs per image (millions)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("Accuracy against MACs, max-prob threshold sweep (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # Left: everything; right: the students' MAC range, where their curves crowd together.
+    for ax, methods in ((axes[0], ("teacher",) + STUDENTS), (axes[1], STUDENTS)):
+        for method in methods:
+            style = {"teacher": "k-", "erde": "C0-", "kd": "C1-", "ce": "C2-", "erde_beta0": "C3--"}[method]
+            m, a = _curve(points, method, "max-prob")
+            _, r = _curve(points, method, "max-prob", "accuracy_range")
+            if len(m):
+                ax.plot(m / 1e6, a * 100, style, marker="o", ms=3, label=method)
+                if r.any():  # several seeds: shade mean +- half the range
+                    ax.fill_between(m / 1e6, (a - r / 2) * 100, (a + r / 2) * 100, color=style[:2], alpha=0.15,
+                                    lw=0)
+        ax.set_xlabel("mean MACs per image (millions)")
+        ax.set_ylabel("CIFAR-10 test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
+    axes[0].set_title("Accuracy against MACs, max-prob sweep (mean over seeds)")
+    axes[0].legend()
+    axes[1].set_title("Students only (shade: seed range)")
+    axes[1].legend()
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=path.parent)
     os.close(fd)

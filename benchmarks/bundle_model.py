@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from erde.runtime.calibrate import calibrate
 from erde.runtime.criteria import sweep
+from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import load_manifest, save_manifest
 
@@ -52,7 +53,7 @@ def draw_samples(folder: Path) -> None:
     sea.save(folder / "ship.png")
 
 
-def test_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
+def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
     from erde.benchmarks.cifar10_study import load_test_split, test_split_exit_probs
 
     images, labels, _ = load_test_split(data)
@@ -68,8 +69,7 @@ def test_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
-    cache = Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
-    ap.add_argument("--study", type=Path, default=cache / "study" / "cifar10-cpu", help="the study's work folder")
+    ap.add_argument("--study", type=Path, default=cache_dir() / "study" / "cifar10-cpu", help="the study's work folder")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy drop allowed, in points")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             m = load_manifest(tmp)
             cal = m.calibration
             metrics = dict(m.metrics)
-            metrics.update(test_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
+            metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
             save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
                                        default_threshold=cal.threshold))
             old = BUNDLED.with_name(".cifar10.old")

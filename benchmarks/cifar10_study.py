@@ -29,6 +29,7 @@ import numpy as np
 
 from erde.benchmarks.study_report import write_report
 from erde.runtime.criteria import exit_indices, sweep
+from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,8 +284,7 @@ def main(argv: Sequence[str] = None) -> int:
 def run_study(args, command: str) -> None:
     budget = BUDGETS[args.budget]
     data = Path(args.data).resolve()
-    cache = Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
-    work = (args.work or cache / "study" / f"cifar10-{args.budget}").resolve()
+    work = (args.work or cache_dir() / "study" / f"cifar10-{args.budget}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     timings = Timings(work / "timings.json")
     teacher = work / "teacher.pt"

@@ -15,6 +15,7 @@ from here:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple, Union
@@ -25,6 +26,11 @@ from .errors import ErdeError
 from .preprocess import IMAGE_EXTENSIONS
 
 SPLITS = ("train", "test")
+
+
+def cache_dir() -> Path:
+    """Where ERDE keeps what it can rebuild (decoded images, the study's work): ``$ERDE_CACHE``, else ~/.cache/erde."""
+    return Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
 
 
 class DataError(ErdeError):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.datasets import SPLITS, DataError, list_image_folder, split_indices
+from erde.runtime.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,6 @@ class Dataset:
 
 
 # ---- image folder ----------------------------------------------------------------------------
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ERDE_CACHE", Path.home() / ".cache" / "erde"))
-
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +78,7 @@ def load_image_folder(root: Path, size: Tuple[int, int] = (32, 32), cache: bool 
     folder = list_image_folder(root)
     files = folder.files
     key = hashlib.sha256(repr((str(root.resolve()), size, [(p.name, p.stat().st_size) for p in files])).encode())
-    cache_file = _cache_dir() / f"images-{key.hexdigest()[:20]}.npy"
+    cache_file = cache_dir() / f"images-{key.hexdigest()[:20]}.npy"
     images = None
     if cache and cache_file.exists():
         try:

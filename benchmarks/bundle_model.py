@@ -12,7 +12,6 @@ something to classify right after ``pip install``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from erde.runtime.calibrate import calibrate
+from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
 from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
@@ -67,49 +67,50 @@ def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: f
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m erde.benchmarks.bundle_model", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
     ap.add_argument("--study", type=Path, default=cache_dir() / "study" / "cifar10-cpu", help="the study's work folder")
-    ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy drop allowed, in points")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    ap.add_argument("--max-drop", type=finite_number, default=0.5, help="accuracy drop allowed, in points")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return run_cli(lambda: bundle(ap.parse_args(argv)), argv)
+
+
+def bundle(args) -> int:
+    """Calibrate the study's ERDE student, add its test metrics and install it as the bundled model."""
+    source = args.study / "erde_onnx"
+    if not (source / "manifest.json").exists():
+        raise ErdeError(f"{source}: no exported ERDE student; run the study first "
+                        "(python -m erde.benchmarks.cifar10_study --data PATH)")
+    if args.data is None:
+        raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
+    draw_samples(SAMPLES)
+    BUNDLED.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar10.", dir=BUNDLED.parent))
     try:
-        source = args.study / "erde_onnx"
-        if not (source / "manifest.json").exists():
-            raise ErdeError(f"{source}: no exported ERDE student; run the study first "
-                            "(python -m erde.benchmarks.cifar10_study --data PATH)")
-        if args.data is None:
-            raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
-        draw_samples(SAMPLES)
-        BUNDLED.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".cifar10.", dir=BUNDLED.parent))
-        try:
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
-            os.chmod(tmp, 0o755)
-            result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
-                               threads=args.threads)
-            if not result.choice.met:
-                raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
-            m = load_manifest(tmp)
-            cal = m.calibration
-            metrics = dict(m.metrics)
-            metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
-            save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
-                                       default_threshold=cal.threshold))
-            old = BUNDLED.with_name(".cifar10.old")
-            if BUNDLED.exists():
-                os.replace(BUNDLED, old)
-            os.replace(tmp, BUNDLED)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
-              f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
-              f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs")
-    except ErdeError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o755)
+        result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
+                           threads=args.threads)
+        if not result.choice.met:
+            raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
+        m = load_manifest(tmp)
+        cal = m.calibration
+        metrics = dict(m.metrics)
+        metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
+        save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
+                                   default_threshold=cal.threshold))
+        old = BUNDLED.with_name(".cifar10.old")
+        if BUNDLED.exists():
+            os.replace(BUNDLED, old)
+        os.replace(tmp, BUNDLED)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
+          f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
+          f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs")
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from erde.benchmarks.study_report import write_report
+from erde.runtime.cliargs import Parser, positive_int, run_cli
 from erde.runtime.criteria import exit_indices, sweep
 from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
@@ -258,7 +259,7 @@ def student_name(method: str, seed: int, budget: Budget) -> str:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m erde.benchmarks.cifar10_study", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"),
                     help="CIFAR-10 image folder with train/ and test/ (env ERDE_DATA)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
@@ -266,19 +267,20 @@ def main(argv: Sequence[str] = None) -> int:
                     help="checkpoints and model folders (default $ERDE_CACHE/study/cifar10-BUDGET, "
                          "outside the checkout so that a fresh checkout can resume the study)")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "cifar10")
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the evaluation")
+    ap.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime threads for the evaluation")
     ap.add_argument("--seeds", type=_seed_list, default=None,
                     help="student seeds, comma-separated, e.g. 0,1 (default: the budget's seed); every student "
                          "is trained once per seed from the one teacher, and the report shows the spread")
-    args = ap.parse_args(argv)
-    try:
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    def run() -> int:
+        args = ap.parse_args(argv)
         if args.data is None or not (Path(args.data) / "train").is_dir():
             raise ErdeError(f"--data {args.data}: not a CIFAR-10 image folder with train/ and test/")
         run_study(args, " ".join(["python -m erde.benchmarks.cifar10_study"] + list(argv or sys.argv[1:])))
-    except ErdeError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(run, argv)
 
 
 def run_study(args, command: str) -> None:

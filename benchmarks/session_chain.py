@@ -16,8 +16,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
+
+from erde.runtime.cliargs import Parser, positive_int, run_cli
+from erde.runtime.errors import ErdeError
+from erde.runtime.manifest import load_manifest
 
 POLICIES = ("global", "no-spin", "spin")
 
@@ -67,23 +72,31 @@ def measure(model_dir: Path, policy: str, threads: int, repeats: int) -> dict:
             "ratio": chain_us / full_us}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = Parser(prog="python -m erde.benchmarks.session_chain", description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2000)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=positive_int, default=2000)
     ap.add_argument("--one", nargs=2, metavar=("POLICY", "THREADS"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return run_cli(lambda: _run(ap.parse_args(argv)), argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.one:
         print(json.dumps(measure(args.model_dir, args.one[0], int(args.one[1]), args.repeats)))
         return 0
+    load_manifest(args.model_dir)  # a bad folder: one clear error here, not in every child process
     print(f"{'policy':8} threads  full.onnx (p50)  segment chain (p50)  chain / full")
     for policy in POLICIES:
         for t in args.threads:
-            out = subprocess.run([sys.executable, "-m", "erde.benchmarks.session_chain", str(args.model_dir),
-                                  "--repeats", str(args.repeats), "--one", policy, str(t)],
-                                 capture_output=True, text=True, check=True).stdout
-            r = json.loads(out)
+            proc = subprocess.run([sys.executable, "-m", "erde.benchmarks.session_chain", str(args.model_dir),
+                                   "--repeats", str(args.repeats), "--one", policy, str(t)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise ErdeError(f"{args.model_dir}: the {policy} measurement with {t} threads failed ({last})")
+            r = json.loads(proc.stdout)
             print(f"{policy:8} {t:>7}  {r['full_us']:>11.0f} us  {r['chain_us']:>15.0f} us  {r['ratio']:>12.2f}")
     return 0
 

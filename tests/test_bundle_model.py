@@ -26,6 +26,9 @@ def test_needs_the_study_first(tmp_path, capsys):
     assert bundle_model.main(["--study", str(tmp_path), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and "run the study first" in err
+    assert bundle_model.main(["--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: argument --threads") and len(err.splitlines()) == 1
 
 
 

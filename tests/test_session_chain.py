@@ -12,3 +12,13 @@ def test_one_measurement_in_a_fresh_process(tmp_path):
     r = json.loads(out)
     assert r["policy"] == "no-spin" and r["threads"] == 1
     assert r["full_us"] > 0 and r["chain_us"] > 0 and abs(r["ratio"] - r["chain_us"] / r["full_us"]) < 1e-9
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    from erde.benchmarks.session_chain import main
+
+    for argv, start in (([str(tmp_path / "nope")], "Error: "), ([str(tmp_path), "--threads", "0"],
+                                                                "Error: argument --threads")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(start) and len(err.splitlines()) == 1, err

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +24,8 @@ from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
 from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import load_manifest, save_manifest
+from erde.runtime.files import build_folder
+from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "runtime" / "models" / "cifar10"
@@ -86,10 +86,9 @@ def bundle(args) -> int:
         raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
     draw_samples(SAMPLES)
     BUNDLED.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar10.", dir=BUNDLED.parent))
-    try:
+
+    def build(tmp: Path):
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, 0o755)
         result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
                            threads=args.threads)
         if not result.choice.met:
@@ -100,14 +99,9 @@ def bundle(args) -> int:
         metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
         save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
                                    default_threshold=cal.threshold))
-        old = BUNDLED.with_name(".cifar10.old")
-        if BUNDLED.exists():
-            os.replace(BUNDLED, old)
-        os.replace(tmp, BUNDLED)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return cal, metrics
+
+    cal, metrics = build_folder(BUNDLED, True, MANIFEST_NAME, build, protect=[source], tool="the bundle builder")
     print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
           f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
           f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs")

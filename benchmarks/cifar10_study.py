@@ -32,6 +32,7 @@ from erde.runtime.cliargs import Parser, positive_int, run_cli
 from erde.runtime.criteria import exit_indices, sweep
 from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
+from erde.runtime.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = {
@@ -113,7 +114,7 @@ class Timings:
         t0 = time.time()
         fn()
         self.data[name] = round(self.data.get(name, 0.0) + time.time() - t0, 1)
-        self.path.write_text(json.dumps(self.data, indent=2))
+        write_json_atomic(self.path, self.data)
 
 
 def train_step(kind: str, out: Path, data: Path, arch: str, epochs: int, seed: int, extra: Sequence = ()) -> None:
@@ -154,7 +155,7 @@ def choose_beta(budget: Budget, work: Path, data: Path, teacher: Path) -> Dict:
                        "over the range of mean MACs that every candidate reaches (linear interpolation); the "
                        "highest score wins. alpha and T are fixed (alpha=1, T=4)."),
               "curves": {str(b): c for b, c in curves.items()}}
-    choice_file.write_text(json.dumps(choice, indent=2))
+    write_json_atomic(choice_file, choice)
     return choice
 
 
@@ -206,7 +207,7 @@ def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], ca
                           "mean_macs": p.mean_macs, "exit_shares": list(p.exit_shares)}
                          for criterion, grid in THRESHOLDS.items()
                          for p in sweep(probs, labels, cum, m.full_macs, criterion, grid)]}
-    cache.write_text(json.dumps(result, indent=2))
+    write_json_atomic(cache, result)
     return result
 
 

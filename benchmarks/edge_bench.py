@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple,
 import numpy as np
 
 from erde.runtime import criteria
+from erde.runtime.files import write_atomic
 from erde.runtime.cliargs import Parser, run_cli
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import CRITERIA
@@ -375,19 +376,6 @@ def machine_facts(threads: Optional[int], provider: str) -> Dict[str, str]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_atomic(path: Path, data: Union[str, bytes]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def results_csv(rows: Sequence[Row], criterion: str, num_exits: int) -> str:

@@ -12,26 +12,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from erde.runtime.files import write_atomic
 
 POINTS_CSV = "points.csv"
 EXITS_CSV = "exits.csv"
 SUMMARY_JSON = "summary.json"
 STUDENTS = ("erde", "kd", "ce", "erde_beta0")
 WITHIN = 0.01  # "no accuracy loss": within 1 point of the teacher's final exit
-
-
-def _write_atomic(path: Path, text: str, mode: str = "w") -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, mode) as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def rows_from_results(results: Sequence[Dict]) -> (List[Dict], List[Dict]):
@@ -296,23 +288,21 @@ def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
     axes[1].set_title("Students only (shade: seed range)")
     axes[1].legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
     return True
 
 
 def write_report(folder: Path, results: Sequence[Dict], meta: Dict) -> Dict:
     folder.mkdir(parents=True, exist_ok=True)
     points, exits = rows_from_results(results)
-    _write_atomic(folder / POINTS_CSV, to_csv(points))
-    _write_atomic(folder / EXITS_CSV, to_csv(exits))
+    write_atomic(folder / POINTS_CSV, to_csv(points))
+    write_atomic(folder / EXITS_CSV, to_csv(exits))
     points, exits = read_csv(folder / POINTS_CSV), read_csv(folder / EXITS_CSV)  # claims come from the CSVs
     s = summarize(points, exits)
-    _write_atomic(folder / SUMMARY_JSON, json.dumps({"summary": s, "meta": meta}, indent=2))
-    _write_atomic(folder / "README.md", summary_markdown(s, exits, meta))
+    write_atomic(folder / SUMMARY_JSON, json.dumps({"summary": s, "meta": meta}, indent=2))
+    write_atomic(folder / "README.md", summary_markdown(s, exits, meta))
     plot(points, exits, folder / "plot.png")
     return s

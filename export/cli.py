@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from erde.training.cliutil import debug_option, friendly_errors
+from erde.training.cliutil import debug_option, friendly_errors, run_click
 
 from .exporter import default_out_dir, export_checkpoint
 
@@ -33,5 +34,10 @@ def main(checkpoint: Path, out: Path, force: bool) -> None:
     click.echo(f"  full.onnx: {m.full_macs:,} MACs; parity with PyTorch: ok")
 
 
+def entry(argv=None) -> int:
+    """Console script: the one-line error contract for click's own usage errors too."""
+    return run_click(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

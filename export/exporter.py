@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -25,8 +22,9 @@ import onnx
 import torch
 
 from erde.runtime.errors import ErdeError
+from erde.runtime.files import UnsafePathError, build_folder, check_replaceable
 from erde.runtime.manifest import (
-    FullGraph, Manifest, Preprocessing, Segment, TensorSpec, save_manifest,
+    MANIFEST_NAME, FullGraph, Manifest, Preprocessing, Segment, TensorSpec, save_manifest,
 )
 from erde.training.checkpoint import load_model, read_checkpoint
 from erde.training.macs import exit_macs
@@ -78,44 +76,21 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
                       parity_batch: int = 32) -> Manifest:
+    """Export ``checkpoint`` into the model folder ``out``.
+
+    With ``force`` an existing ``out`` is replaced only if erde-export wrote it
+    (it holds a manifest) and it does not hold the checkpoint itself.
+    """
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
     model, _ = load_model(checkpoint, ckpt)
     out = Path(out) if out is not None else default_out_dir(checkpoint)
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ExportError(f"{parent}: output folder's parent does not exist; create it first")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise ExportError(f"{parent}: cannot write there ({e.strerror})") from None
-    try:
-        os.chmod(tmp, 0o755)
-        manifest = _build(model, ckpt, checkpoint, tmp, parity_batch)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        check_replaceable(out, force, MANIFEST_NAME, protect=[checkpoint], tool="erde-export")
+    except UnsafePathError as e:
+        raise ExportError(str(e)) from None
+    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch),
+                        protect=[checkpoint], tool="erde-export")
 
 
 def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int) -> Manifest:

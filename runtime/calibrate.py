@@ -35,7 +35,7 @@ import json
 import math
 import os
 import sys
-import tempfile
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
@@ -45,6 +45,7 @@ import numpy as np
 from . import criteria
 from .datasets import DataError, image_folder_split, split_indices
 from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
+from .files import write_atomic
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, save_manifest
 
@@ -57,7 +58,6 @@ BATCH_SIZE = 64
 
 EXIT_OK, EXIT_NOT_MET, EXIT_USAGE = 0, 1, 2
 
-
 def threshold_grid(criterion: str) -> List[float]:
     """The thresholds tried: max-prob 0.300..0.999, entropy 0.001..0.900, in steps of 0.001."""
     if criterion == "max-prob":
@@ -66,13 +66,10 @@ def threshold_grid(criterion: str) -> List[float]:
         return [round((i + 1) / 1000.0, 3) for i in range(900)]
     raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The table
 
-
 ThresholdRow = criteria.SweepPoint  # one row of the calibration table
-
 
 def threshold_table(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
                     criterion: str, thresholds: Optional[Sequence[float]] = None) -> List[ThresholdRow]:
@@ -84,11 +81,9 @@ def threshold_table(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs:
     thresholds = threshold_grid(criterion) if thresholds is None else thresholds
     return criteria.sweep(exit_probs, labels, cumulative_macs, full_macs, criterion, thresholds)
 
-
 def _strictness(row: ThresholdRow) -> float:
     """Larger = fewer images leave early."""
     return row.threshold if row.criterion == "max-prob" else -row.threshold
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -103,7 +98,6 @@ class Choice:
     @property
     def met(self) -> bool:
         return self.row is not None
-
 
 def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accuracy: float,
            full_macs: float) -> Choice:
@@ -125,7 +119,6 @@ def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accurac
         raise ErdeError(f"unknown calibration mode {mode!r}; expected one of {', '.join(MODES)}")
     return Choice(mode, float(target), float(final_accuracy), best, best or closest)
 
-
 def choose_best(choices: Sequence[Choice]) -> Choice:
     """Among per-criterion choices: those that meet the target win; then fewer MACs (accuracy-drop)
     or higher accuracy (mac-budget); if none meets it, the closest of the closest."""
@@ -138,10 +131,8 @@ def choose_best(choices: Sequence[Choice]) -> Choice:
         return max(choices, key=lambda c: (c.closest.accuracy, -c.closest.mean_macs))
     return min(choices, key=lambda c: (c.closest.mean_macs, -c.closest.accuracy))
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Data and model
-
 
 @dataclass(frozen=True)
 class ValidationData:
@@ -150,7 +141,6 @@ class ValidationData:
     class_names: Tuple[str, ...]
     train_images: int  # images in the train split before carving the validation part
     val_fraction: float
-
 
 def validation_files(data: Union[str, os.PathLike], class_names: Sequence[str],
                      val_fraction: float = DEFAULT_VAL_FRACTION) -> ValidationData:
@@ -163,7 +153,6 @@ def validation_files(data: Union[str, os.PathLike], class_names: Sequence[str],
     return ValidationData([folder.files[i] for i in val_idx], folder.labels[val_idx], folder.class_names,
                           len(folder), float(val_fraction))
 
-
 def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Preprocess the files as erde-run does and return every exit's probabilities [E, N, K]."""
     from .preprocess import preprocess_one
@@ -175,10 +164,8 @@ def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE
         parts.append(engine.exit_probs(x))
     return np.concatenate(parts, axis=1)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Writing
-
 
 def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[ThresholdRow] = None) -> str:
     buf = io.StringIO()
@@ -190,22 +177,6 @@ def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[Thr
                     f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)])
     return buf.getvalue()
 
-
-def write_text_atomic(path: Union[str, Path], text: str) -> None:
-    """Write text to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Sequence[ThresholdRow],
           data: Optional[ValidationData] = None) -> Manifest:
     """Write the table, then the manifest with ``calibration`` set; return the new manifest."""
@@ -214,7 +185,7 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
     folder = Path(folder)
     r = choice.row
     try:
-        write_text_atomic(folder / TABLE_NAME, table_csv(rows, manifest.num_exits, r))
+        write_atomic(folder / TABLE_NAME, table_csv(rows, manifest.num_exits, r))
     except OSError as e:
         raise ErdeError(f"{folder / TABLE_NAME}: cannot write ({e.strerror or e}); nothing was changed") from None
     cal = Calibration(criterion=r.criterion, threshold=r.threshold, mode=choice.mode, target=choice.target,
@@ -232,10 +203,8 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
                         f"{TABLE_NAME} holds the new table") from None
     return new
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The whole job
-
 
 @dataclass(frozen=True)
 class Result:
@@ -244,7 +213,6 @@ class Result:
     rows: List[ThresholdRow]
     data: ValidationData
     manifest: Manifest  # as written (unchanged if the target was not met)
-
 
 def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
@@ -278,7 +246,6 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
         manifest = store(engine.folder, m, best, rows, vd)
     return Result(best, per, rows, vd, manifest)
 
-
 def check_target(mode: str, target: float) -> float:
     if mode not in MODES:
         raise ErdeError(f"unknown calibration mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -291,7 +258,6 @@ def check_target(mode: str, target: float) -> float:
                         f"in (0, {MAX_MAC_BUDGET:g}], e.g. 0.6")
     return float(target)
 
-
 def default_val_fraction(manifest: Manifest) -> float:
     """The manifest's ``source.val_fraction`` if the exporter recorded one, else 0.1 (erde-train's default)."""
     try:
@@ -300,10 +266,8 @@ def default_val_fraction(manifest: Manifest) -> float:
         return DEFAULT_VAL_FRACTION
     return v if 0 < v < 1 else DEFAULT_VAL_FRACTION
 
-
 # ----------------------------------------------------------------------------------------------------------
 # CLI
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="erde-calibrate",
@@ -327,22 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
-
 def _pct(v: float) -> str:
     return f"{100.0 * v:.2f}%"
-
 
 def _describe(r: ThresholdRow) -> str:
     return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.accuracy)}, "
             f"{100.0 * r.macs_fraction:.1f}% of full MACs")
-
 
 def _target_text(c: Choice) -> str:
     if c.mode == "accuracy-drop":
         return (f"val accuracy within {c.target:g} points of the final exit's {_pct(c.final_accuracy)} "
                 f"(at least {_pct(c.final_accuracy - c.target / 100.0)})")
     return f"mean MACs at most {100.0 * c.target:g}% of the full model's"
-
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.mac_budget is not None:
@@ -379,14 +339,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
           file=out)
     return EXIT_OK
 
-
 class _NotMet(ErdeError):
     pass
 
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv, {_NotMet: EXIT_NOT_MET})
-
 
 if __name__ == "__main__":
     sys.exit(main())

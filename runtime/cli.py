@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_folder(arg: Optional[str]) -> Path:
     """The folder given, else the bundled model when it is installed."""
-    if arg:
+    if arg is not None:
+        if not arg.strip():
+            raise UsageError("--model is empty; pass a model folder, or leave --model out for the bundled model")
         return Path(arg)
     if (BUNDLED_MODEL / MANIFEST_NAME).is_file():
         return BUNDLED_MODEL
@@ -77,7 +79,7 @@ def _json_line(name: str, pred, criterion: str, threshold: float) -> str:
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here so that `erde-run --help` and option errors need no onnxruntime.
-    from .engine import Engine
+    from .engine import MAX_RUN_BATCH, Engine
     from .preprocess import list_images, preprocess_one
 
     if not args.image and not args.folder:
@@ -91,18 +93,19 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         m = engine.manifest
         print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; criterion {criterion}, "
               f"threshold {threshold:g} ({source})", file=out)
-    engine.warmup(min(args.batch_size, len(paths)))  # the first run allocates; keep it out of the reported times
+    step = min(args.batch_size, MAX_RUN_BATCH)  # larger batches gain nothing and only cost memory
+    engine.warmup(min(step, len(paths)), include_full=False)  # the first run allocates; keep it out of the reported times
     pre = engine.manifest.preprocessing
     failed = 0
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start:start + args.batch_size]
+    for start in range(0, len(paths), step):
+        batch = paths[start:start + step]
         arrays, names, lines = [], [], []  # lines: output order, None where a prediction goes
         for path in batch:
             try:
                 arrays.append(preprocess_one(path, pre))
                 names.append(str(path))
                 lines.append(None)
-            except ErdeError as e:
+            except (ErdeError, OSError, ValueError) as e:  # one bad image never stops the others
                 failed += 1
                 if args.debug:
                     traceback.print_exc(file=err)

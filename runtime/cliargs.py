@@ -1,7 +1,12 @@
-"""What the torch-free command-line tools share (argparse; the runtime has no click).
+"""The command-line contract every ERDE tool shares (argparse here; the click tools use it too).
 
-Every tool prints one ``Error: ...`` line for a problem the user can fix and
-returns a non-zero exit code; ``--debug`` adds the traceback.
+Every problem is one ``Error: what, where, how to fix`` line on stderr;
+``--debug`` adds the traceback. Exit codes, for all five commands:
+
+    0    success
+    1    some inputs failed and the others ran (erde-run), or an unexpected internal error
+    2    bad input: a bad option, file, folder, checkpoint or model; nothing was written
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Callable, Dict, NoReturn, Optional, Sequence, Type
 
 from .errors import ErdeError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(ErdeError):
@@ -47,6 +52,15 @@ def finite_number(text: str) -> float:
     return value
 
 
+def safe_console() -> None:
+    """Never fail on printing a name the console's encoding cannot show (e.g. a non-UTF-8 file name)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # not a text stream we may reconfigure (tests' StringIO)
+            pass
+
+
 def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
             exit_codes: Optional[Dict[Type[ErdeError], int]] = None) -> int:
     """Call ``run`` and turn every failure into one ``Error:`` line and an exit code.
@@ -54,6 +68,7 @@ def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
     ErdeError -> 2 unless ``exit_codes`` maps its type to another code; Ctrl-C -> 130; a closed
     pipe (``tool | head``) -> 0, quietly; anything else (a bug) -> 1, still one line.
     """
+    safe_console()
     err = sys.stderr
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -65,7 +80,7 @@ def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
         return next((code for kind, code in (exit_codes or {}).items() if isinstance(e, kind)), EXIT_USAGE)
     except KeyboardInterrupt:
         print("Error: interrupted", file=err)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from . import criteria
 from .errors import ErdeError, ModelFolderError
+from .files import MAX_GRAPH_BYTES, read_capped
 from .manifest import CRITERIA, MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 
@@ -43,6 +44,8 @@ except ImportError:  # reported by Engine.load, so that `import erde.runtime.eng
 #: Default for ``shared_pool``: use onnxruntime's process-wide thread pool when available.
 SHARED_POOL_DEFAULT = True
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+#: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
+MAX_RUN_BATCH = 256
 
 _pool_lock = threading.Lock()
 _global_pool_threads: Optional[int] = None  # threads of the global pool we created; 0 = onnxruntime's default
@@ -167,7 +170,7 @@ def make_session(model: Union[str, os.PathLike, bytes], threads: Optional[int] =
     except ErdeError:
         raise
     except Exception as e:
-        raise ModelFolderError(f"{where}: onnxruntime cannot load this graph ({str(e).strip()}); "
+        raise ModelFolderError(f"{where}: onnxruntime cannot load this graph ({_one_line(e)}); "
                                "re-export the model folder with erde-export") from None
 
 
@@ -210,19 +213,22 @@ class _Stage:
     file: str
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """onnxruntime's messages span lines; an Error: line must not."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _read_checked(folder: Path, file: str, sha256: str) -> bytes:
     path = folder / file
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise ModelFolderError(f"{path}: listed in {MANIFEST_NAME} but missing; copy the whole model folder "
-                               "written by erde-export") from None
-    except OSError as e:
-        raise ModelFolderError(f"{path}: cannot read ({e.strerror or e})") from None
+                               "written by erde-export")
+    data = read_capped(path, MAX_GRAPH_BYTES, inside=folder, what="model file")
     if _sha256(data) != sha256.lower():
         raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST_NAME} (file altered or partly copied); "
                                "copy the model folder again or re-export it")
@@ -349,7 +355,7 @@ class Engine:
         criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
         x = self._check_input(x)
         n = x.shape[0]
-        step = n if batch_size is None else _check_batch_size(batch_size)
+        step = min(n if batch_size is None else _check_batch_size(batch_size), MAX_RUN_BATCH)
         if step >= n:
             return self._run(x, criterion, threshold, early_exit)
         out: List[Prediction] = []
@@ -365,7 +371,7 @@ class Engine:
         """
         x = self._check_input(x)
         n = x.shape[0]
-        step = n if batch_size is None else _check_batch_size(batch_size)
+        step = min(n if batch_size is None else _check_batch_size(batch_size), MAX_RUN_BATCH)
         out = np.empty((len(self._stages), n, self._num_classes), dtype=np.float32)
         for start in range(0, n, step):
             feed = x[start:start + step]
@@ -375,14 +381,14 @@ class Engine:
                 feed = outputs[1] if len(outputs) > 1 else None
         return out
 
-    def warmup(self, batch_size: int = 1) -> None:
-        """Run a zero batch through every graph once, so the first timed call is not the slow one."""
-        x = np.zeros((_check_batch_size(batch_size),) + self._input_shape, dtype=np.float32)
+    def warmup(self, batch_size: int = 1, include_full: bool = True) -> None:
+        """Run a zero batch through every segment (and full.onnx) once, so the first timed call is not the slow one."""
+        x = np.zeros((min(_check_batch_size(batch_size), MAX_RUN_BATCH),) + self._input_shape, dtype=np.float32)
         feed = x
         for stage in self._stages:
             outputs = self._run_stage(stage, feed)
             feed = outputs[1] if len(outputs) > 1 else None
-        if self._full is not None:
+        if include_full and self._full is not None:
             self._run_stage(self._full, x)
 
     def run_full(self, x: np.ndarray) -> np.ndarray:
@@ -406,7 +412,8 @@ class Engine:
             outputs = stage.session.run(stage.output_names, {stage.input_name: x})
         except Exception as e:
             raise ModelFolderError(f"{self.folder / stage.file}: onnxruntime failed to run this graph "
-                                   f"({str(e).strip()}); re-export the model folder") from None
+                                   f"({_one_line(e)}); check the manifest's input size against the graphs, "
+                                   "or re-export the model folder") from None
         probs = outputs[0]
         if probs.ndim != 2 or probs.shape != (x.shape[0], self._num_classes):
             raise ModelFolderError(f"{self.folder / stage.file}: probabilities of shape {probs.shape}, expected "

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ManifestError
+from .files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -289,14 +288,14 @@ def manifest_from_dict(d: Any) -> Manifest:
 
 def load_manifest(folder: Union[str, Path]) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        raise ManifestError(f"{path}: no manifest; is this a model folder written by erde-export?")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest; is this a model folder written by erde-export?") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror or e})") from None
+        text = read_capped(path, MAX_MANIFEST_BYTES, inside=folder, what="manifest").decode("utf-8")
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: not a UTF-8 text file; is this a model folder written by erde-export?") from None
+    if not json_depth_ok(text):
+        raise ManifestError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not an erde-export manifest")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -305,22 +304,6 @@ def load_manifest(folder: Union[str, Path]) -> Manifest:
         return manifest_from_dict(data)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
-
-
-def write_json_atomic(path: Union[str, Path], data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_manifest(folder: Union[str, Path], manifest: Manifest) -> Path:

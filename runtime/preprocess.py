@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import MAX_IMAGE_BYTES, UnsafePathError, check_regular
 from .manifest import RESIZE_RULES, Preprocessing
 
 #: Largest image accepted, in pixels (width * height), checked from the header before decoding.
@@ -36,20 +37,18 @@ ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
     """Open and fully decode an image file; raise ImageError saying what is wrong."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file (use --folder for a folder of images)")
+    try:
+        size = check_regular(path, MAX_IMAGE_BYTES, what="image file")
+    except UnsafePathError as e:
+        raise ImageError(str(e)) from None
     if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); re-copy or re-save the image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open(path, "rb") as fh:
+            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
                 img = Image.open(fh)
                 width, height = img.size
                 if width * height > MAX_PIXELS:
@@ -107,7 +106,10 @@ def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     a = a.astype(np.float64)
     if a.size == 0:
         return a.astype(np.uint8)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:  # all NaN or infinite: nothing to show
+        return np.zeros(a.shape, dtype=np.uint8)
+    lo, hi = float(finite.min()), float(finite.max())
     if mode.startswith("I;16"):
         scaled = a / 257.0  # 65535 -> 255
     elif mode == "I" and lo >= 0 and hi <= 255:

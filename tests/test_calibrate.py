@@ -317,15 +317,17 @@ def test_engine_exit_probs_and_all_segments(base_model):
 
 
 def test_failed_manifest_write_leaves_the_old_manifest(capsys, model, data, monkeypatch):
-    import erde.runtime.manifest as manifest_mod
+    import erde.runtime.files as files_mod
 
     before = (model / "manifest.json").read_bytes()
+    real_replace = files_mod.os.replace
 
-    def boom(obj, fh, **kwargs):
-        fh.write('{"half": ')
-        raise OSError(28, "No space left on device")
+    def boom(src, dst):  # the table is written; the manifest's temporary file fills the disk
+        if str(dst).endswith("manifest.json"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
 
-    monkeypatch.setattr(manifest_mod.json, "dump", boom)
+    monkeypatch.setattr(files_mod.os, "replace", boom)
     rc, out, err = run(capsys, model, "--data", data, "--val-fraction", 0.5)
     assert rc == 2 and err.count("\n") == 1
     assert err == f"Error: {model / 'manifest.json'}: cannot write (No space left on device); the manifest is " \

@@ -1,3 +1,4 @@
+import os
 import json
 
 import numpy as np
@@ -56,9 +57,37 @@ def test_existing_folder_needs_force_and_is_replaced_whole(exported, tiny_studen
     with pytest.raises(ExportError, match="--force"):
         export_checkpoint(tiny_student, out)
     assert (out / "old.txt").read_text() == "keep me"
-    export_checkpoint(tiny_student, out, force=True)
-    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    with pytest.raises(ExportError, match="not written by erde-export"):  # --force replaces only model folders
+        export_checkpoint(tiny_student, out, force=True)
+    assert (out / "old.txt").read_text() == "keep me"
+    (out / "old.txt").unlink()
+    export_checkpoint(tiny_student, out, force=True)  # an empty folder may be filled
+    (out / "stale.onnx").write_text("from an earlier export")
+    export_checkpoint(tiny_student, out, force=True)  # a model folder is replaced whole
+    assert not (out / "stale.onnx").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+def test_force_never_removes_the_checkpoint_or_a_folder_holding_it(tiny_student, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ck" / "student.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_student, ckpt)
+    for out in (ckpt.parent, tmp_path, ckpt):
+        with pytest.raises(ExportError):
+            export_checkpoint(ckpt, out, force=True)
+    assert ckpt.exists()
+
+
+def test_stale_temporary_folders_of_dead_exports_are_removed(tiny_student, tmp_path):
+    dead = tmp_path / ".m.erde-tmp-999999999.abc"  # a pid no process has
+    dead.mkdir()
+    (dead / "segment_0.onnx").write_text("partial")
+    alive = tmp_path / f".m.erde-tmp-{os.getpid()}.xyz"  # our own (a concurrent export in this process)
+    alive.mkdir()
+    export_checkpoint(tiny_student, tmp_path / "m")
+    assert not dead.exists() and alive.exists()
 
 
 def test_failed_check_leaves_nothing_behind(tiny_student, tmp_path, monkeypatch):

@@ -5,13 +5,23 @@ from erde.runtime.errors import ErdeError
 from erde.training.models import ModelConfig, build_model, default_exits, list_archs, model_config
 
 
-def test_registry_builds_every_arch_with_three_early_exits():
+def test_registry_builds_every_arch():
     for arch in list_archs():
         cfg = model_config(arch, num_classes=7)
-        assert cfg.num_exits == 4
+        assert cfg.num_exits == (3 if cfg.blocks_per_stage == 1 else 4)
         model = build_model(cfg).eval()
         outs = model(torch.zeros(2, 3, 32, 32))
-        assert [tuple(o.shape) for o in outs] == [(2, 7)] * 4
+        assert [tuple(o.shape) for o in outs] == [(2, 7)] * cfg.num_exits
+
+
+def test_exits_can_be_moved_or_dropped():
+    cfg = model_config("resnet14_ee", exit_after=(1, 3))
+    assert cfg.exit_after == (1, 3) and cfg.num_exits == 3
+    outs = build_model(cfg).eval()(torch.zeros(1, 3, 32, 32))
+    assert len(outs) == 3
+    for bad in ((3, 1), (1, 1), (5,), (-1,)):
+        with pytest.raises(ErdeError, match="increasing block indices"):
+            model_config("resnet14_ee", exit_after=bad)
 
 
 def test_default_exits_has_one_inside_a_stage():
@@ -20,8 +30,9 @@ def test_default_exits_has_one_inside_a_stage():
     assert exits == (2, 4, 5)
     stage_ends = {n - 1, 2 * n - 1}
     assert any(e not in stage_ends for e in exits)
+    assert default_exits(1) == (0, 1)  # n = 1: the two stage ends
     with pytest.raises(ErdeError):
-        default_exits(1)
+        default_exits(0)
 
 
 def test_segments_chain_equals_forward():

@@ -1,5 +1,7 @@
 """python -m erde.training: the erde-train command."""
 
-from .cli import main
+import sys
 
-main()
+from .cli import entry
+
+sys.exit(entry())

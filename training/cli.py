@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,16 +16,16 @@ from erde.runtime.manifest import write_json_atomic
 
 from . import distributed
 from .checkpoint import CheckpointError, load_model, read_checkpoint
-from .cliutil import debug_option, friendly_errors
+from .cliutil import debug_option, friendly_errors, run_click
 from .data import Dataset, channel_stats, load_split, to_tensor, train_val_split
 from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
 from .macs import exit_macs
-from .models import build_model, list_archs, model_config
+from .models import build_model, list_archs, model_config, parse_exits
 from .train import AMP_MODES, DeviceConfig, RunInfo, TrainConfig, TrainData, steps_per_epoch, train, train_config_dict
 
 # Arguments that must not change when a run is resumed.
-_RESUME_KEYS = ("arch", "data", "limit", "val_fraction", "train", "loss", "teacher")
+_RESUME_KEYS = ("arch", "exits", "data", "limit", "val_fraction", "train", "loss", "teacher")
 
 
 def _data_options(fn):
@@ -33,6 +34,9 @@ def _data_options(fn):
                      help="Dataset: image folder with train/ and test/, CIFAR python batches, or SVHN .mat folder "
                           "(env ERDE_DATA)."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (.pt)."),
+        click.option("--exits", default=None,
+                     help="Early exits after these 0-based block indices, comma-separated (default: the arch's own); "
+                          "move or drop an exit that does not pay for its latency."),
         click.option("--epochs", default=10, show_default=True, type=int),
         click.option("--batch-size", default=128, show_default=True, type=int,
                      help="Images per step, per process (the global batch is this times the number of processes)."),
@@ -127,7 +131,7 @@ def _run(kind: str, arch: str, data_path: Path, out: Path, train_args: Dict[str,
         if teacher_path is not None:
             t_ckpt = read_checkpoint(teacher_path)
         num_classes = len(train_ds.class_names)
-        cfg = model_config(arch, num_classes)
+        cfg = model_config(arch, num_classes, train_args.get("exits"))
         if t_ckpt is not None:
             _check_teacher(teacher_path, t_ckpt, cfg, train_ds)
             teacher, _ = load_model(teacher_path, t_ckpt)
@@ -201,8 +205,9 @@ def _check_teacher(path: Path, ckpt: Dict[str, Any], cfg, train_ds: Dataset) -> 
         raise CheckpointError(f"{path}: teacher does not match the student: {'; '.join(problems)}")
 
 
-def _train_args(kind: str, arch: str, data_path: Path, limit, val_fraction, tcfg, lcfg, teacher) -> Dict[str, Any]:
-    return {"kind": kind, "arch": arch, "data": str(Path(data_path).resolve()), "limit": limit,
+def _train_args(kind: str, arch: str, exits: Optional[str], data_path: Path, limit, val_fraction, tcfg, lcfg,
+                teacher) -> Dict[str, Any]:
+    return {"kind": kind, "arch": arch, "exits": list(parse_exits(exits)) if exits else None, "data": str(Path(data_path).resolve()), "limit": limit,
             "val_fraction": val_fraction, "train": train_config_dict(tcfg), "loss": lcfg.to_dict(),
             "teacher": str(Path(teacher).resolve()) if teacher else None}
 
@@ -212,7 +217,7 @@ def _train_args(kind: str, arch: str, data_path: Path, limit, val_fraction, tcfg
 @_data_options
 @friendly_errors
 @distributed.errors_from_rank0
-def teacher(arch, data_path, out, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing, limit,
+def teacher(arch, data_path, out, exits, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing, limit,
             val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, dist=None):
     """Train an early-exit teacher with cross-entropy at every exit.
 
@@ -222,7 +227,7 @@ def teacher(arch, data_path, out, epochs, batch_size, lr, weight_decay, clip_gra
     with distributed.same_on_every_rank():
         tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
         lcfg = LossConfig("ce", label_smoothing=label_smoothing)
-        args = _train_args("teacher", arch, data_path, limit, val_fraction, tcfg, lcfg, None)
+        args = _train_args("teacher", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, None)
         dev = _device_config(device, amp, sync_bn)
     with distributed.joined(dev.device, dist_timeout, dist) as dist:
         _run("teacher", arch, data_path, out, args, tcfg, lcfg, None, limit, val_fraction, resume, force, threads,
@@ -251,14 +256,14 @@ def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
 @_data_options
 @friendly_errors
 @distributed.errors_from_rank0
-def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, epochs, batch_size, lr,
+def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, exits, epochs, batch_size, lr,
             weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, device, amp, sync_bn,
             dist_timeout, resume, force, quiet, dist=None):
     """Train an early-exit student from a teacher with the ce, kd or erde loss (torchrun: as for teacher)."""
     with distributed.same_on_every_rank():
         tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
         lcfg = LossConfig(loss, alpha, beta, temperature, _parse_weights(exit_weights), label_smoothing)
-        args = _train_args("student", arch, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
+        args = _train_args("student", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
         dev = _device_config(device, amp, sync_bn)
     # The ce student needs no teacher outputs, but still checks that the teacher matches.
     with distributed.joined(dev.device, dist_timeout, dist) as dist:
@@ -328,5 +333,10 @@ def eval_cmd(checkpoint, data_path, split, criterion, thresholds, json_out):
         click.echo(f"wrote {json_out}")
 
 
+def entry(argv=None) -> int:
+    """Console script: the one-line error contract for click's own usage errors too."""
+    return run_click(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

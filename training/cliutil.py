@@ -1,20 +1,30 @@
-"""What every ERDE click command shares: one ``Error:`` line instead of a traceback."""
+"""What every ERDE click command shares: the one-line error contract of ``erde.runtime.cliargs``.
+
+``friendly_errors`` wraps a command body: an ErdeError or OSError becomes one
+``Error:`` line and exit code 2, any other exception one ``Error: unexpected``
+line and exit code 1 (``--debug`` shows the traceback instead). ``run_click``
+is the console-script entry: it also turns click's own usage errors into one
+line (click prints a usage block otherwise).
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
-from typing import Any, Callable
+import traceback
+from typing import Any, Callable, Optional, Sequence
 
 import click
 
+from erde.runtime.cliargs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, run_cli
 from erde.runtime.errors import ErdeError
 
 debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ErdeError (and a few OS errors) into ``Error: ...`` on stderr and exit code 2."""
+    """Turn exceptions into ``Error: ...`` on stderr and the documented exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
@@ -22,14 +32,37 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ErdeError, OSError) as e:
             if debug:
-                raise
+                traceback.print_exc()
             msg = str(e) if isinstance(e, ErdeError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
             click.echo(f"Error: {msg}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             if debug:
-                raise
+                traceback.print_exc()
             click.echo("Error: interrupted; the last complete checkpoint (if any) is intact", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug or an environment problem: still one line
+            if debug:
+                traceback.print_exc()
+            click.echo(f"Error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+            sys.exit(EXIT_FAILED)
 
     return wrapper
+
+
+def run_click(command: click.Command, argv: Optional[Sequence[str]] = None) -> int:
+    """Run a click command as a console script under the one-line error contract; return the exit code."""
+    prog = os.path.basename(sys.argv[0]) if argv is None else command.name
+
+    def run() -> int:
+        try:
+            rv = command.main(args=None if argv is None else list(argv), prog_name=prog, standalone_mode=False)
+        except click.ClickException as e:
+            raise UsageError(f"{e.format_message()} (see {prog} --help)") from None
+        except click.exceptions.Abort:
+            raise KeyboardInterrupt from None
+        return rv if isinstance(rv, int) else 0
+
+    return run_cli(run, argv)

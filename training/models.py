@@ -11,8 +11,8 @@ head, which is exactly how the exporter cuts it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,10 +53,23 @@ class ModelConfig:
 
 
 def default_exits(n: int) -> Tuple[int, ...]:
-    """Three early exits: end of stage 1, inside stage 2, end of stage 2."""
-    if n < 2:
-        raise ErdeError(f"blocks_per_stage={n}: need at least 2 blocks per stage to place an exit inside a stage")
+    """Three early exits: end of stage 1, inside stage 2, end of stage 2 (two exits, at the stage ends, if n = 1)."""
+    if n < 1:
+        raise ErdeError(f"blocks_per_stage={n}: need at least 1 block per stage")
+    if n == 1:
+        return (0, 1)
     return (n - 1, n + (n - 1) // 2, 2 * n - 1)
+
+
+def parse_exits(text: str) -> Tuple[int, ...]:
+    """``--exits 1,3`` -> (1, 3): early exits after these 0-based block indices (checked by the model)."""
+    try:
+        exits = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ErdeError(f"--exits {text!r}: expected block indices separated by commas, e.g. 1,3") from None
+    if not exits:
+        raise ErdeError("--exits: give at least one block index")
+    return exits
 
 
 class BasicBlock(nn.Module):
@@ -186,6 +199,12 @@ def resnet20_w8_ee(num_classes: int = 10) -> ModelConfig:
 
 
 @register
+def resnet8_ee(num_classes: int = 10) -> ModelConfig:
+    """ResNet-8 (16, 32, 64 channels), exits at the ends of stages 1 and 2: widths ORT's x86 kernels run well."""
+    return _resnet("resnet8_ee", 1, 16, num_classes)
+
+
+@register
 def resnet14_ee(num_classes: int = 10) -> ModelConfig:
     return _resnet("resnet14_ee", 2, 16, num_classes)
 
@@ -200,10 +219,18 @@ def list_archs() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def model_config(arch: str, num_classes: int = 10) -> ModelConfig:
+def model_config(arch: str, num_classes: int = 10, exit_after: Optional[Tuple[int, ...]] = None) -> ModelConfig:
+    """The registered config of ``arch``; ``exit_after`` moves or drops its early exits (checked here)."""
     if arch not in _REGISTRY:
         raise ErdeError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
-    return _REGISTRY[arch](num_classes=num_classes)
+    cfg = _REGISTRY[arch](num_classes=num_classes)
+    if exit_after is not None:
+        cfg = replace(cfg, exit_after=tuple(exit_after))
+        blocks = 3 * cfg.blocks_per_stage
+        if any(not 0 <= i < blocks - 1 for i in cfg.exit_after) or list(cfg.exit_after) != sorted(set(cfg.exit_after)):
+            raise ErdeError(f"exits {list(cfg.exit_after)}: {arch} takes increasing block indices from 0 to "
+                            f"{blocks - 2} (an exit after the last block is the final exit)")
+    return cfg
 
 
 def build_model(cfg: ModelConfig) -> EarlyExitResNet:

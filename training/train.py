@@ -24,6 +24,8 @@ tensors only, so a GPU run's checkpoint loads and exports on a CPU.
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,8 +55,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ErdeError("need --epochs >= 1, --batch-size >= 1 and --lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ErdeError(f"need --epochs >= 1, --batch-size >= 1 and a finite --lr > 0 (got {self.lr})")
         if not 0 <= self.warmup_fraction < 1:
             raise ErdeError(f"warm-up fraction {self.warmup_fraction} must be in [0, 1)")
 

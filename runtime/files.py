@@ -1,0 +1,239 @@
+"""Safe file handling shared by every ERDE tool (no third-party imports).
+
+- Reads: only regular files (a FIFO or a device would hang or never end), at
+  most a stated number of bytes, and, for model files, only inside their
+  folder (a symlink may not lead out of it).
+- Writes: to a temporary file beside the target, then renamed into place, so a
+  crash never leaves a half-written file.
+- Folders: built in a recognisable temporary sibling (``.NAME.erde-tmp-PID``)
+  and swapped into place; ``--force`` replaces only a folder an ERDE tool
+  wrote (it holds the marker file named by the caller, e.g. ``manifest.json``)
+  and never one that holds a protected path such as the input checkpoint.
+  Stale temporary siblings of dead processes are removed on the next write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from .errors import ErdeError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MiB = 1 << 20
+MAX_MANIFEST_BYTES = 4 * MiB
+MAX_GRAPH_BYTES = 1024 * MiB
+MAX_IMAGE_BYTES = 256 * MiB
+MAX_JSON_DEPTH = 64
+TMP_TAG = ".erde-tmp-"
+
+
+class UnsafePathError(ErdeError):
+    """A path is not a regular file, leaves its folder, is too large, or may not be replaced."""
+
+
+def _describe(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: PathLike, max_bytes: int, inside: Optional[PathLike] = None, what: str = "file") -> int:
+    """Raise UnsafePathError unless ``path`` is a regular file of at most ``max_bytes`` (inside ``inside``).
+
+    Returns the size in bytes. Symlinks are followed, but with ``inside`` the
+    file they lead to must lie in that folder.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UnsafePathError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UnsafePathError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(f"{path}: is {_describe(st.st_mode)}, not a regular {what}")
+    if inside is not None:
+        root = Path(inside).resolve()
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise UnsafePathError(f"{path}: a link that leads out of {inside} (to {real}); "
+                                  "model files must be regular files inside the model folder")
+    if st.st_size > max_bytes:
+        raise UnsafePathError(f"{path}: {st.st_size:,} bytes, more than the {max_bytes:,}-byte limit for a {what}")
+    return st.st_size
+
+
+def read_capped(path: PathLike, max_bytes: int, inside: Optional[PathLike] = None, what: str = "file") -> bytes:
+    """The bytes of a regular file, refusing FIFOs, devices, links out of ``inside`` and oversize files."""
+    check_regular(path, max_bytes, inside, what)
+    try:  # O_NONBLOCK: if the file was swapped for a FIFO after the check, open does not hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UnsafePathError(f"{path}: cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UnsafePathError(f"{path}: not a regular {what}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnsafePathError(f"{path}: more than the {max_bytes:,}-byte limit for a {what}")
+    return data
+
+
+def json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether brackets nest at most ``limit`` deep (checked before json.loads, which recurses)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            escaped = not escaped and ch == "\\"
+            if ch == '"' and not escaped:
+                in_str = False
+            continue
+        if ch == '"':
+            in_str, escaped = True, False
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+# ---- atomic writes --------------------------------------------------------------------------------
+
+
+def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
+    """Write text (UTF-8) or bytes to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: PathLike, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+# ---- output folders -------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temps(out: Path) -> None:
+    """Remove ``.OUT.erde-tmp-PID*`` siblings of ``out`` left by processes that no longer run."""
+    prefix = f".{out.name}{TMP_TAG}"
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_replaceable(out: PathLike, force: bool, marker: str, protect: Iterable[PathLike] = (),
+                      tool: str = "an erde tool") -> Path:
+    """Check that ``out`` may be written; return it resolved.
+
+    It may be absent; with ``force`` it may be an empty folder or a folder
+    holding ``marker`` (one that ``tool`` wrote). It may never be, or contain,
+    a path of ``protect`` or the current folder.
+    """
+    given = Path(out)
+    if str(out) in ("", ".", "..") or given.name in ("", ".", ".."):
+        raise UnsafePathError(f"{out or repr(out)}: not a folder name; pass a new folder, e.g. --out model_onnx")
+    out = given.resolve()
+    for p in list(protect) + [Path.cwd()]:
+        p = Path(p).resolve()
+        if p == out or out in p.parents:
+            raise UnsafePathError(f"{given}: holds {p}, which this command must not replace; "
+                                  "choose another output folder")
+    if given.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UnsafePathError(f"{given}: exists and is not a folder; choose another output path")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise UnsafePathError(f"{out.parent}: the output folder's parent does not exist; create it first")
+        return out
+    if not force:
+        raise UnsafePathError(f"{given}: already exists; pass --force to replace it")
+    try:
+        entries = [p.name for p in out.iterdir()]
+    except OSError as e:
+        raise UnsafePathError(f"{given}: cannot list ({e.strerror or e})") from None
+    if entries and marker not in entries:
+        raise UnsafePathError(f"{given}: not written by {tool} (no {marker}); --force replaces only such a "
+                              "folder: choose a new folder or empty this one yourself")
+    return out
+
+
+def new_temp_dir(out: Path) -> Path:
+    """A fresh temporary sibling of ``out``, named so that a later run can recognise and remove it."""
+    clean_stale_temps(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}.", dir=out.parent))
+        os.chmod(tmp, 0o755)
+    except OSError as e:
+        raise UnsafePathError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}{TMP_TAG}{os.getpid()}.old")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_folder(out: PathLike, force: bool, marker: str, build, protect: Iterable[PathLike] = (),
+                 tool: str = "an erde tool") -> Any:
+    """Check ``out``, call ``build(tmp)`` in a temporary sibling, then swap it into place; return build's value.
+
+    On any failure nothing is left behind and an existing ``out`` is untouched.
+    """
+    out = check_replaceable(out, force, marker, protect, tool)
+    tmp = new_temp_dir(out)
+    try:
+        result = build(tmp)
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result

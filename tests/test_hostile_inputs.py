@@ -1,0 +1,210 @@
+"""Hostile inputs through the real command lines (issue 14): one Error: line, no hang, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime_fixtures import console_command, make_model_folder, random_image
+
+SCRIPTS = {
+    "erde-run": "erde.runtime.cli",
+    "erde-calibrate": "erde.runtime.calibrate",
+    "erde-bench": "erde.benchmarks.edge_bench",
+    "erde-train": "erde.training",
+    "erde-export": "erde.export.cli",
+}
+
+
+def run(script: str, *args, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
+    cmd = console_command(script, SCRIPTS[script]) + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                          errors="backslashreplace")
+
+
+def one_error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("m"))
+
+
+@pytest.fixture()
+def image(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(random_image()).save(path)
+    return path
+
+
+# ---- every console script: a bad option and a failing input ------------------------------------
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_command_gives_one_line_for_a_bad_option(script):
+    line = one_error_line(run(script, "--no-such-option"))
+    assert line.endswith(f"(see {script} --help)"), line
+
+
+@pytest.mark.parametrize("script,args", [
+    ("erde-run", ["--model", "missing-folder", "--image", "x.png"]),
+    ("erde-calibrate", ["missing-folder", "--data", "missing-data"]),
+    ("erde-bench", ["missing-folder", "--images", "missing-images"]),
+    ("erde-train", ["teacher", "--data", "missing-data", "--out", "t.pt"]),
+    ("erde-export", ["missing.pt"]),
+])
+def test_every_command_gives_one_line_for_a_failing_input(script, args, tmp_path):
+    one_error_line(run(script, *[str(tmp_path / a) if "missing" in a else a for a in args]))
+
+
+# ---- erde-export --force ------------------------------------------------------------------------
+
+
+def test_export_force_keeps_a_users_folder_and_the_checkpoint(tiny_student, tmp_path):
+    ckpt = tmp_path / "student.pt"
+    shutil.copy(tiny_student, ckpt)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    assert "not written by erde-export" in one_error_line(run("erde-export", ckpt, "--out", notes, "--force"))
+    assert (notes / "notes.txt").read_text() == "mine"
+    one_error_line(run("erde-export", ckpt, "--out", tmp_path, "--force"))  # the checkpoint's own folder
+    assert ckpt.exists()
+    r = subprocess.run(console_command("erde-export", SCRIPTS["erde-export"]) + [str(ckpt), "--out", ".", "--force"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    one_error_line(r)
+    assert ckpt.exists() and (notes / "notes.txt").exists()
+
+
+# ---- model folders: FIFOs, links, sizes, nesting ------------------------------------------------
+
+
+def _copy(model: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(model, dst)
+    return dst
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+@pytest.mark.parametrize("which", ["manifest.json", "segment1.onnx"])
+def test_a_fifo_in_the_model_folder_does_not_hang(model, tmp_path, image, which):
+    m = _copy(model, tmp_path)
+    (m / which).unlink()
+    os.mkfifo(m / which)
+    line = one_error_line(run("erde-run", "--model", m, "--image", image, timeout=10))
+    assert "FIFO" in line and which in line
+
+
+def test_a_segment_linked_to_dev_zero_or_outside_is_refused(model, tmp_path, image):
+    m = _copy(model, tmp_path)
+    (m / "segment0.onnx").unlink()
+    os.symlink("/dev/zero", m / "segment0.onnx")
+    assert "not a regular" in one_error_line(run("erde-run", "--model", m, "--image", image, timeout=10))
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(model / "segment0.onnx", outside)
+    (m / "segment0.onnx").unlink()
+    os.symlink(outside, m / "segment0.onnx")
+    assert "leads out of" in one_error_line(run("erde-run", "--model", m, "--image", image, timeout=10))
+
+
+def test_a_deeply_nested_manifest_is_one_line(model, tmp_path, image):
+    m = _copy(model, tmp_path)
+    (m / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested" in one_error_line(run("erde-run", "--model", m, "--image", image))
+
+
+def test_a_manifest_whose_input_size_disagrees_is_one_line(model, tmp_path, image):
+    m = _copy(model, tmp_path)
+    d = json.loads((m / "manifest.json").read_text())
+    d["preprocessing"]["input_size"] = [16, 16]
+    (m / "manifest.json").write_text(json.dumps(d))
+    one_error_line(run("erde-run", "--model", m, "--image", image))
+
+
+def test_an_empty_model_option_is_refused(image):
+    assert "--model is empty" in one_error_line(run("erde-run", "--model", "", "--image", image))
+
+
+def test_an_image_that_is_a_fifo_is_reported_and_the_rest_run(model, tmp_path, image):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    shutil.copy(image, folder / "c.png")
+    r = run("erde-run", "--model", model, "--folder", folder, timeout=10)
+    assert r.returncode == 1 and "b.png" in r.stderr and "FIFO" in r.stderr
+    assert "a.png" in r.stdout and "c.png" in r.stdout
+
+
+# ---- images --------------------------------------------------------------------------------------
+
+
+def test_a_non_utf8_file_name_does_not_stop_a_folder_run(model, tmp_path, image):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.png")
+    shutil.copy(image, os.path.join(os.fsencode(folder), b"b\xff.png"))
+    shutil.copy(image, folder / "c.png")
+    env = dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8:strict", PYTHONUTF8="1")
+    r = run("erde-run", "--model", model, "--folder", folder, env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 4 and "c.png" in r.stdout  # header + 3 images
+
+
+def test_an_all_nan_float_tiff_gives_no_warning(model, tmp_path):
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), mode="F").save(path)
+    r = run("erde-run", "--model", model, "--image", path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+# ---- erde-train ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-inf"])
+def test_a_non_finite_learning_rate_is_refused_before_training(lr, tmp_path):
+    line = one_error_line(run("erde-train", "teacher", "--data", tmp_path, "--out", tmp_path / "t.pt", "--lr", lr))
+    assert "--lr" in line
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb(args) -> float:
+    code = ("import resource, sys; from erde.runtime.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return float(r.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_on_a_10000_image_folder_and_a_huge_batch(model, tmp_path):
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir()
+    small.mkdir()
+    img = Image.fromarray(random_image(8, 8))
+    for i in range(10_000):
+        img.save(big / f"{i:05d}.png")
+    for i in range(500):
+        img.save(small / f"{i:05d}.png")
+    for batch in ("1", "64"):
+        base = _peak_rss_mb(["--model", model, "--folder", small, "--batch-size", batch, "--json"])
+        peak = _peak_rss_mb(["--model", model, "--folder", big, "--batch-size", batch, "--json"])
+        assert peak < base + 40, (batch, base, peak)
+    huge = _peak_rss_mb(["--model", model, "--folder", big, "--batch-size", "10000", "--json"])
+    assert huge < base + 150, (base, huge)

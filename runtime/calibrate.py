@@ -15,42 +15,40 @@ Two targets:
   are at most F x the full model's MACs.
 
 Ties go to the safer threshold for the target (the stricter one for an
-accuracy drop, the more permissive one for a MAC budget). The choice goes into
+accuracy drop, the more permissive one for a MAC budget). With a latency profile of this
+machine (``erde-profile``), accuracy-drop minimises the expected latency instead
+of the MACs, and ``--budget-ms MS`` (latency-budget) takes the most accurate
+threshold whose expected latency is at most MS. The choice goes into
 ``manifest.calibration`` and the whole table into ``calibration.csv`` beside
 the manifest, both written atomically (the table first). ``erde-run`` then
 uses the calibrated threshold when ``--threshold`` is not given.
 
-Exit codes: 0 calibrated; 1 no threshold meets the target (nothing written;
-the closest threshold is named); 2 nothing could run (bad option, model
-folder or data).
+The command line is ``erde.runtime.calibrate_cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
-import sys
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import criteria
 from .datasets import DataError, image_folder_split, split_indices
-from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
 from .files import write_atomic
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, save_manifest
+from .profile import LatencyProfile, ProfileError, find_profile
 
 TABLE_NAME = "calibration.csv"
-MODES = ("accuracy-drop", "mac-budget")
+MODES = ("accuracy-drop", "mac-budget", "latency-budget")
 DEFAULT_MAX_DROP_POINTS = 0.5
 DEFAULT_VAL_FRACTION = 0.1
 MAX_MAC_BUDGET = 1.5
@@ -81,6 +79,18 @@ def threshold_table(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs:
     thresholds = threshold_grid(criterion) if thresholds is None else thresholds
     return criteria.sweep(exit_probs, labels, cumulative_macs, full_macs, criterion, thresholds)
 
+Cost = Callable[[ThresholdRow], float]
+
+
+def _macs(row: ThresholdRow) -> float:
+    return row.mean_macs
+
+
+def latency_cost(profile: LatencyProfile) -> Cost:
+    """Expected batch-1 latency (ms) of a row on the machine the profile describes."""
+    return lambda row: profile.expected_ms(row.exit_shares)
+
+
 def _strictness(row: ThresholdRow) -> float:
     """Larger = fewer images leave early."""
     return row.threshold if row.criterion == "max-prob" else -row.threshold
@@ -100,16 +110,27 @@ class Choice:
         return self.row is not None
 
 def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accuracy: float,
-           full_macs: float) -> Choice:
-    """Pick a row for the target; rows may mix criteria."""
+           full_macs: float, cost: Optional[Cost] = None) -> Choice:
+    """Pick a row for the target; rows may mix criteria.
+
+    ``cost`` is what accuracy-drop minimises: mean MACs by default, the expected
+    latency with a profile; latency-budget needs it (``target`` in ms).
+    """
     if not rows:
         raise ErdeError("no thresholds to choose from")
     eps = 1e-9
+    cost = cost or _macs
     if mode == "accuracy-drop":
         floor = final_accuracy - target / 100.0
         ok = [r for r in rows if r.accuracy >= floor - eps]
-        best = min(ok, key=lambda r: (r.mean_macs, -r.accuracy, -_strictness(r))) if ok else None
-        closest = max(rows, key=lambda r: (r.accuracy, -r.mean_macs))
+        best = min(ok, key=lambda r: (cost(r), -r.accuracy, -_strictness(r))) if ok else None
+        closest = max(rows, key=lambda r: (r.accuracy, -cost(r)))
+    elif mode == "latency-budget":
+        if cost is _macs:
+            raise ErdeError("a latency budget needs a latency profile of this machine (erde-profile)")
+        ok = [r for r in rows if cost(r) <= target]
+        best = max(ok, key=lambda r: (r.accuracy, -cost(r), -_strictness(r))) if ok else None
+        closest = min(rows, key=lambda r: (cost(r), -r.accuracy))
     elif mode == "mac-budget":
         budget = target * full_macs
         ok = [r for r in rows if r.mean_macs <= budget * (1 + eps)]
@@ -119,17 +140,18 @@ def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accurac
         raise ErdeError(f"unknown calibration mode {mode!r}; expected one of {', '.join(MODES)}")
     return Choice(mode, float(target), float(final_accuracy), best, best or closest)
 
-def choose_best(choices: Sequence[Choice]) -> Choice:
-    """Among per-criterion choices: those that meet the target win; then fewer MACs (accuracy-drop)
-    or higher accuracy (mac-budget); if none meets it, the closest of the closest."""
+def choose_best(choices: Sequence[Choice], cost: Optional[Cost] = None) -> Choice:
+    """Among per-criterion choices: those that meet the target win; then the lower cost (accuracy-drop)
+    or higher accuracy (budgets); if none meets it, the closest of the closest."""
+    cost = cost or _macs
     met = [c for c in choices if c.met]
     if met:
         if met[0].mode == "accuracy-drop":
-            return min(met, key=lambda c: (c.row.mean_macs, -c.row.accuracy))
-        return max(met, key=lambda c: (c.row.accuracy, -c.row.mean_macs))
+            return min(met, key=lambda c: (cost(c.row), -c.row.accuracy))
+        return max(met, key=lambda c: (c.row.accuracy, -cost(c.row)))
     if choices[0].mode == "accuracy-drop":
-        return max(choices, key=lambda c: (c.closest.accuracy, -c.closest.mean_macs))
-    return min(choices, key=lambda c: (c.closest.mean_macs, -c.closest.accuracy))
+        return max(choices, key=lambda c: (c.closest.accuracy, -cost(c.closest)))
+    return min(choices, key=lambda c: (cost(c.closest), -c.closest.accuracy))
 
 # ----------------------------------------------------------------------------------------------------------
 # Data and model
@@ -167,29 +189,33 @@ def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 
-def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[ThresholdRow] = None) -> str:
+def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[ThresholdRow] = None,
+              profile: Optional[LatencyProfile] = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["criterion", "threshold", "val_accuracy", "mean_macs", "macs_fraction"]
-               + [f"exit_{k + 1}_share" for k in range(num_exits)] + ["chosen"])
+               + [f"exit_{k + 1}_share" for k in range(num_exits)] + ["chosen"] + ["expected_ms"] * bool(profile))
     for r in rows:
         w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.accuracy:.6f}", f"{r.mean_macs:.1f}",
-                    f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)])
+                    f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)]
+                   + ([f"{profile.expected_ms(r.exit_shares):.4f}"] if profile else []))
     return buf.getvalue()
 
 def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Sequence[ThresholdRow],
-          data: Optional[ValidationData] = None) -> Manifest:
+          data: Optional[ValidationData] = None, profile: Optional[LatencyProfile] = None) -> Manifest:
     """Write the table, then the manifest with ``calibration`` set; return the new manifest."""
     if choice.row is None:
         raise ErdeError("refusing to store a calibration that does not meet its target")
     folder = Path(folder)
     r = choice.row
     try:
-        write_atomic(folder / TABLE_NAME, table_csv(rows, manifest.num_exits, r))
+        write_atomic(folder / TABLE_NAME, table_csv(rows, manifest.num_exits, r, profile))
     except OSError as e:
         raise ErdeError(f"{folder / TABLE_NAME}: cannot write ({e.strerror or e}); nothing was changed") from None
     cal = Calibration(criterion=r.criterion, threshold=r.threshold, mode=choice.mode, target=choice.target,
-                      val_accuracy=r.accuracy, val_mean_macs=r.mean_macs, table_file=TABLE_NAME)
+                      val_accuracy=r.accuracy, val_mean_macs=r.mean_macs, table_file=TABLE_NAME,
+                      val_expected_ms=profile.expected_ms(r.exit_shares) if profile else None,
+                      profile=profile.machine.describe() if profile else "")
     metrics = dict(manifest.metrics)
     if data is not None:
         metrics["calibration_val_images"] = len(data.files)
@@ -213,6 +239,8 @@ class Result:
     rows: List[ThresholdRow]
     data: ValidationData
     manifest: Manifest  # as written (unchanged if the target was not met)
+    profile: Optional[LatencyProfile] = None  # the latency profile used (None: the cost was MACs)
+    profile_note: str = ""  # why no profile was used
 
 def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
@@ -228,6 +256,14 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
             raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, both")
     engine = Engine.load(model_dir, threads=threads)
     m = engine.manifest
+    profile, note = None, ""
+    try:
+        profile = find_profile(engine.folder, m, threads)
+    except ProfileError as e:
+        if mode == "latency-budget":
+            raise
+        note = str(e)
+    cost = latency_cost(profile) if profile else None
     if val_fraction is None:
         val_fraction = default_val_fraction(m)
     vd = validation_files(data, m.class_names, val_fraction)
@@ -238,13 +274,13 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
     per: Dict[str, Choice] = {}
     for c in crits:
         part = threshold_table(probs, vd.labels, cum, m.full_macs, c)
-        per[c] = choose(part, mode, target, final_acc, m.full_macs)
+        per[c] = choose(part, mode, target, final_acc, m.full_macs, cost)
         rows += part
-    best = choose_best(list(per.values()))
+    best = choose_best(list(per.values()), cost)
     manifest = m
     if best.met and write:
-        manifest = store(engine.folder, m, best, rows, vd)
-    return Result(best, per, rows, vd, manifest)
+        manifest = store(engine.folder, m, best, rows, vd, profile)
+    return Result(best, per, rows, vd, manifest, profile, note)
 
 def check_target(mode: str, target: float) -> float:
     if mode not in MODES:
@@ -253,6 +289,8 @@ def check_target(mode: str, target: float) -> float:
         raise ErdeError(f"calibration target {target!r} is not a number")
     if mode == "accuracy-drop" and not 0.0 <= target <= 100.0:
         raise ErdeError(f"--max-drop {target:g} is out of range; give accuracy points in [0, 100], e.g. 0.5")
+    if mode == "latency-budget" and not target > 0.0:
+        raise ErdeError(f"--budget-ms {target:g} is out of range; give milliseconds per image > 0, e.g. 0.3")
     if mode == "mac-budget" and not 0.0 < target <= MAX_MAC_BUDGET:
         raise ErdeError(f"--mac-budget {target:g} is out of range; give a fraction of the full model's MACs "
                         f"in (0, {MAX_MAC_BUDGET:g}], e.g. 0.6")
@@ -266,84 +304,30 @@ def default_val_fraction(manifest: Manifest) -> float:
         return DEFAULT_VAL_FRACTION
     return v if 0 < v < 1 else DEFAULT_VAL_FRACTION
 
-# ----------------------------------------------------------------------------------------------------------
-# CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-calibrate",
-                description="Choose the exit threshold of a model folder on the validation split of its training "
-                            "data, and store it in the manifest (erde-run uses it when --threshold is not given).")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by erde-export")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="the image folder the model was trained on: PATH/train/<class>/*.png")
-    p.add_argument("--criterion", choices=CRITERIA + ("both",), default="both",
-                   help="exit rule to calibrate; both: calibrate each, keep the better (default both)")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--max-drop", type=finite_number, metavar="P",
-                        help="fewest MACs with val accuracy >= final exit's - P points (default 0.5)")
-    target.add_argument("--mac-budget", type=finite_number, metavar="F",
-                        help="most accurate threshold with mean MACs <= F x full MACs, F in (0, 1.5]")
-    p.add_argument("--val-fraction", type=finite_number, default=None, metavar="F",
-                   help="validation fraction used in training (default: the manifest's, else 0.1)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="onnxruntime threads (default: one per physical core)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+def read_table(folder: Union[str, Path], num_exits: int) -> List[ThresholdRow]:
+    """The rows of a model folder's calibration.csv ([] if it has none); ErdeError if it is corrupt."""
+    from .files import MAX_MANIFEST_BYTES, read_capped
 
-def _pct(v: float) -> str:
-    return f"{100.0 * v:.2f}%"
+    path = Path(folder) / TABLE_NAME
+    if not path.exists():
+        return []
+    try:
+        text = read_capped(path, 8 * MAX_MANIFEST_BYTES, inside=folder, what="calibration table").decode("utf-8")
+        rows = []
+        for d in csv.DictReader(io.StringIO(text)):
+            shares = tuple(float(d[f"exit_{k + 1}_share"]) for k in range(num_exits))
+            rows.append(ThresholdRow(d["criterion"], float(d["threshold"]), float(d["val_accuracy"]),
+                                     float(d["mean_macs"]), float(d["macs_fraction"]), shares))
+        return rows
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise ErdeError(f"{path}: corrupt calibration table ({e}); run erde-calibrate again") from None
 
-def _describe(r: ThresholdRow) -> str:
-    return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.accuracy)}, "
-            f"{100.0 * r.macs_fraction:.1f}% of full MACs")
 
-def _target_text(c: Choice) -> str:
-    if c.mode == "accuracy-drop":
-        return (f"val accuracy within {c.target:g} points of the final exit's {_pct(c.final_accuracy)} "
-                f"(at least {_pct(c.final_accuracy - c.target / 100.0)})")
-    return f"mean MACs at most {100.0 * c.target:g}% of the full model's"
-
-def _run(args: argparse.Namespace, out: TextIO) -> int:
-    if args.mac_budget is not None:
-        mode, target = "mac-budget", args.mac_budget
-    else:
-        mode, target = "accuracy-drop", DEFAULT_MAX_DROP_POINTS if args.max_drop is None else args.max_drop
-    check_target(mode, target)
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
-    res = calibrate(args.model_dir, args.data, args.criterion, mode, target, args.val_fraction, args.threads)
-    c = res.choice
-    folder = Path(args.model_dir)
-    if not c.met:
-        raise _NotMet(f"no threshold meets the target ({_target_text(c)}); closest: {_describe(c.closest)}; "
-                      "nothing was written")
-    r = c.row
-    if args.json:
-        d = {"model_dir": str(folder), "data": str(args.data), "val_images": len(res.data.files),
-             "val_fraction": res.data.val_fraction, "final_exit_val_accuracy": c.final_accuracy,
-             "calibration": dataclasses.asdict(res.manifest.calibration),
-             "macs_fraction": r.macs_fraction, "exit_shares": list(r.exit_shares),
-             "per_criterion": {k: (dataclasses.asdict(v.row) if v.met else None) for k, v in res.per_criterion.items()},
-             "manifest": str(folder / MANIFEST_NAME), "table": str(folder / TABLE_NAME)}
-        print(json.dumps(d), file=out)
-        return EXIT_OK
-    print(f"validation split: {len(res.data.files)} of {res.data.train_images} images in {args.data}/train "
-          f"(fraction {res.data.val_fraction:g}, seed 0); final exit: {_pct(c.final_accuracy)}", file=out)
-    print(f"target: {_target_text(c)}", file=out)
-    for k, v in res.per_criterion.items():
-        print("  " + (_describe(v.row) if v.met else f"{k}: none meets it (closest {_describe(v.closest)})"), file=out)
-    shares = ", ".join(f"{100.0 * s:.0f}%" for s in r.exit_shares)
-    print(f"chosen: {_describe(r)} (exits: {shares})", file=out)
-    print(f"wrote {folder / MANIFEST_NAME} (calibration) and {folder / TABLE_NAME} ({len(res.rows)} thresholds)",
-          file=out)
-    return EXIT_OK
-
-class _NotMet(ErdeError):
-    pass
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv, {_NotMet: EXIT_NOT_MET})
-
-if __name__ == "__main__":
-    sys.exit(main())
+def row_at(rows: Sequence[ThresholdRow], criterion: str, threshold: float) -> Optional[ThresholdRow]:
+    """The row of ``criterion`` nearest to ``threshold`` (within 0.001), or None."""
+    same = [r for r in rows if r.criterion == criterion]
+    if not same:
+        return None
+    best = min(same, key=lambda r: abs(r.threshold - threshold))
+    return best if abs(best.threshold - threshold) <= 1e-3 + 1e-9 else None

@@ -63,6 +63,33 @@ def model_folder(arg: Optional[str]) -> Path:
                     "erde-export (erde-run --model DIR, erde-bench DIR)")
 
 
+def expected_latency_line(engine, criterion: str, threshold: float, threads: Optional[int], err: TextIO) -> str:
+    """What this threshold should cost here, from the latency profile and the calibration table ("" without one).
+
+    A corrupt profile, or one of another machine, is ignored with a warning on stderr; never used silently.
+    """
+    from .calibrate import read_table, row_at
+    from .profile import PROFILE_NAME, ProfileError, find_profile
+
+    try:
+        prof = find_profile(engine.folder, engine.manifest, threads)
+    except ProfileError as e:
+        if (engine.folder / PROFILE_NAME).exists():
+            print(f"Warning: {e}; the profile is ignored", file=err)
+        return ""
+    full = f"; full.onnx {prof.full_ms:.3f} ms" if prof.full_ms else ""
+    try:
+        row = row_at(read_table(engine.folder, engine.num_exits), criterion, threshold)
+    except ErdeError as e:
+        print(f"Warning: {e}", file=err)
+        row = None
+    if row is None:
+        return (f"expected latency: {prof.cumulative_ms[0]:.3f} to {prof.cumulative_ms[-1]:.3f} ms per image "
+                f"(no validation exit shares at this threshold; run erde-calibrate){full}")
+    return (f"expected latency: {prof.expected_ms(row.exit_shares):.3f} ms per image at this threshold "
+            f"({prof.machine.describe()}; validation exit shares){full}")
+
+
 def _human(name: str, pred) -> str:
     pct = pred.macs_fraction * 100.0
     return (f"{name}: {pred.class_name} ({pred.confidence:.2f}) exit {pred.exit_index + 1}/{pred.num_exits}, "
@@ -93,6 +120,9 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         m = engine.manifest
         print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; criterion {criterion}, "
               f"threshold {threshold:g} ({source})", file=out)
+        line = expected_latency_line(engine, criterion, threshold, args.threads, err)
+        if line:
+            print(line, file=out)
     step = min(args.batch_size, MAX_RUN_BATCH)  # larger batches gain nothing and only cost memory
     engine.warmup(min(step, len(paths)), include_full=False)  # the first run allocates; keep it out of the reported times
     pre = engine.manifest.preprocessing

@@ -91,7 +91,7 @@ def read_capped(path: PathLike, max_bytes: int, inside: Optional[PathLike] = Non
 
 def json_depth_ok(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether brackets nest at most ``limit`` deep (checked before json.loads, which recurses)."""
-    depth = deepest = 0
+    depth = 0
     in_str = escaped = False
     for ch in text:
         if in_str:

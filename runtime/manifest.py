@@ -89,6 +89,8 @@ class Calibration:
     val_accuracy: float
     val_mean_macs: float
     table_file: str = ""
+    val_expected_ms: Optional[float] = None  # with a latency profile: expected batch-1 latency per image
+    profile: str = ""  # the machine the latency profile describes ("" when MACs were the cost)
 
 
 @dataclass(frozen=True)
@@ -256,11 +258,13 @@ def manifest_from_dict(d: Any) -> Manifest:
                 (("criterion", str), ("threshold", (int, float)), ("mode", str), ("target", (int, float)),
                  ("val_accuracy", (int, float)), ("val_mean_macs", (int, float)))}
         table = _typed(c, "table_file", str, w, errors, "")
+        ms = _typed(c, "val_expected_ms", (int, float, type(None)), w, errors, None)
+        prof = _typed(c, "profile", str, w, errors, "")
         if None not in vals.values():
             _check(vals["criterion"] in CRITERIA, f"{w}.criterion: {vals['criterion']!r} is not one of {CRITERIA}", errors)
             _check(_is_number(vals["threshold"]) and 0.0 <= vals["threshold"] <= 1.0,
                    f"{w}.threshold: {vals['threshold']!r} is not a number in [0, 1]", errors)
-            cal = Calibration(table_file=table, **vals)
+            cal = Calibration(table_file=table, val_expected_ms=ms, profile=prof or "", **vals)
     opset = _typed(d, "opset", int, where, errors, 17)
     metrics = _typed(d, "metrics", dict, where, errors, {})
     source = _typed(d, "source", dict, where, errors, {})

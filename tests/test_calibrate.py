@@ -11,7 +11,8 @@ from PIL import Image
 from erde.runtime import calibrate as cal_mod
 from erde.runtime import cli as run_cli
 from erde.runtime import engine as engine_mod
-from erde.runtime.calibrate import ThresholdRow, choose, main, threshold_grid
+from erde.runtime.calibrate import ThresholdRow, choose, threshold_grid
+from erde.runtime.calibrate_cli import main
 from erde.runtime.datasets import DataError, image_folder_split, list_image_folder, split_indices
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import load_manifest
@@ -289,7 +290,7 @@ def test_calibrated_folder_end_to_end_with_erde_run(capsys, model, data):
 
 def test_console_script_without_torch(tmp_path, model, data):
     env = torch_blocked_env(tmp_path)
-    cmd = console_command("erde-calibrate", "erde.runtime.calibrate")
+    cmd = console_command("erde-calibrate", "erde.runtime.calibrate_cli")
     proc = subprocess.run(cmd + [str(model), "--data", str(data), "--val-fraction", "0.5", "--threads", "1",
                                  "--criterion", "max-prob", "--json"],
                           capture_output=True, text=True, env=env, timeout=120)

@@ -17,10 +17,11 @@ from runtime_fixtures import console_command, make_model_folder, random_image
 
 SCRIPTS = {
     "erde-run": "erde.runtime.cli",
-    "erde-calibrate": "erde.runtime.calibrate",
+    "erde-calibrate": "erde.runtime.calibrate_cli",
     "erde-bench": "erde.benchmarks.edge_bench",
     "erde-train": "erde.training",
     "erde-export": "erde.export.cli",
+    "erde-profile": "erde.runtime.profile_cli",
 }
 
 
@@ -65,6 +66,7 @@ def test_every_command_gives_one_line_for_a_bad_option(script):
     ("erde-bench", ["missing-folder", "--images", "missing-images"]),
     ("erde-train", ["teacher", "--data", "missing-data", "--out", "t.pt"]),
     ("erde-export", ["missing.pt"]),
+    ("erde-profile", ["missing-folder"]),
 ])
 def test_every_command_gives_one_line_for_a_failing_input(script, args, tmp_path):
     one_error_line(run(script, *[str(tmp_path / a) if "missing" in a else a for a in args]))

@@ -18,8 +18,11 @@ from typing import Any, Dict, Tuple
 import torch
 
 from erde.runtime.errors import ErdeError
+from erde.runtime.files import UnsafePathError, check_regular
 
 from .models import EarlyExitResNet, ModelConfig, build_model
+
+MAX_CHECKPOINT_BYTES = 2 << 30  # 2 GiB: far above any ERDE model
 
 FORMAT = "erde-checkpoint"
 VERSION = 1
@@ -77,8 +80,12 @@ def save_checkpoint(ckpt: Dict[str, Any], path) -> None:
 def read_checkpoint(path) -> Dict[str, Any]:
     """Load and check a checkpoint file; never unpickles code."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        check_regular(path, MAX_CHECKPOINT_BYTES, what="checkpoint")  # a FIFO would hang torch.load
+    except UnsafePathError as e:
+        raise CheckpointError(str(e)) from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

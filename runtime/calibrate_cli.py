@@ -1,0 +1,115 @@
+"""erde-calibrate: the command line of ``erde.runtime.calibrate`` (see there for the method).
+
+Exit codes: 0 calibrated; 1 no threshold meets the target (nothing written;
+the closest threshold is named); 2 nothing could run (bad option, model
+folder, data, or a latency budget without a profile of this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+from .calibrate import (DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
+                        ThresholdRow, calibrate, check_target, latency_cost)
+from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
+from .errors import ErdeError
+from .manifest import CRITERIA
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="erde-calibrate",
+                description="Choose the exit threshold of a model folder on the validation split of its training "
+                            "data, and store it in the manifest (erde-run uses it when --threshold is not given).")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by erde-export")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="the image folder the model was trained on: PATH/train/<class>/*.png")
+    p.add_argument("--criterion", choices=CRITERIA + ("both",), default="both",
+                   help="exit rule to calibrate; both: calibrate each, keep the better (default both)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--max-drop", type=finite_number, metavar="P",
+                        help="fewest MACs with val accuracy >= final exit's - P points (default 0.5)")
+    target.add_argument("--mac-budget", type=finite_number, metavar="F",
+                        help="most accurate threshold with mean MACs <= F x full MACs, F in (0, 1.5]")
+    target.add_argument("--budget-ms", type=finite_number, metavar="MS",
+                        help="most accurate threshold whose expected batch-1 latency on this machine is at most MS "
+                             "milliseconds (needs a latency profile: erde-profile MODEL_DIR --threads N)")
+    p.add_argument("--val-fraction", type=finite_number, default=None, metavar="F",
+                   help="validation fraction used in training (default: the manifest's, else 0.1)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="onnxruntime threads (default: one per physical core)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+def _pct(v: float) -> str:
+    return f"{100.0 * v:.2f}%"
+
+def _describe(r: ThresholdRow, profile=None) -> str:
+    ms = f", expected {latency_cost(profile)(r):.3f} ms" if profile else ""
+    return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.accuracy)}, "
+            f"{100.0 * r.macs_fraction:.1f}% of full MACs{ms}")
+
+def _target_text(c: Choice) -> str:
+    if c.mode == "accuracy-drop":
+        return (f"val accuracy within {c.target:g} points of the final exit's {_pct(c.final_accuracy)} "
+                f"(at least {_pct(c.final_accuracy - c.target / 100.0)})")
+    if c.mode == "latency-budget":
+        return f"expected latency at most {c.target:g} ms per image"
+    return f"mean MACs at most {100.0 * c.target:g}% of the full model's"
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.mac_budget is not None:
+        mode, target = "mac-budget", args.mac_budget
+    elif args.budget_ms is not None:
+        mode, target = "latency-budget", args.budget_ms
+    else:
+        mode, target = "accuracy-drop", DEFAULT_MAX_DROP_POINTS if args.max_drop is None else args.max_drop
+    check_target(mode, target)
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
+    res = calibrate(args.model_dir, args.data, args.criterion, mode, target, args.val_fraction, args.threads)
+    c = res.choice
+    folder = Path(args.model_dir)
+    if not c.met:
+        raise _NotMet(f"no threshold meets the target ({_target_text(c)}); closest: {_describe(c.closest, res.profile)}; "
+                      "nothing was written")
+    r = c.row
+    if args.json:
+        d = {"model_dir": str(folder), "data": str(args.data), "val_images": len(res.data.files),
+             "val_fraction": res.data.val_fraction, "final_exit_val_accuracy": c.final_accuracy,
+             "calibration": dataclasses.asdict(res.manifest.calibration),
+             "macs_fraction": r.macs_fraction, "exit_shares": list(r.exit_shares),
+             "per_criterion": {k: (dataclasses.asdict(v.row) if v.met else None) for k, v in res.per_criterion.items()},
+             "manifest": str(folder / MANIFEST_NAME), "table": str(folder / TABLE_NAME),
+             "profile": res.profile.machine.describe() if res.profile else None, "profile_note": res.profile_note}
+        print(json.dumps(d), file=out)
+        return EXIT_OK
+    print(f"validation split: {len(res.data.files)} of {res.data.train_images} images in {args.data}/train "
+          f"(fraction {res.data.val_fraction:g}, seed 0); final exit: {_pct(c.final_accuracy)}", file=out)
+    print(f"target: {_target_text(c)}", file=out)
+    if res.profile:
+        print(f"cost: expected latency from the profile of {res.profile.machine.describe()}", file=out)
+    else:
+        print(f"cost: mean MACs ({res.profile_note})", file=out)
+    for k, v in res.per_criterion.items():
+        print("  " + (_describe(v.row, res.profile) if v.met
+                      else f"{k}: none meets it (closest {_describe(v.closest, res.profile)})"), file=out)
+    shares = ", ".join(f"{100.0 * s:.0f}%" for s in r.exit_shares)
+    print(f"chosen: {_describe(r, res.profile)} (exits: {shares})", file=out)
+    print(f"wrote {folder / MANIFEST_NAME} (calibration) and {folder / TABLE_NAME} ({len(res.rows)} thresholds)",
+          file=out)
+    return EXIT_OK
+
+class _NotMet(ErdeError):
+    pass
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv, {_NotMet: EXIT_NOT_MET})
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Latency profiles: what each segment of a model folder costs, in milliseconds, on one machine.
+
+MACs are the paper's currency; a user pays in milliseconds, and the two part
+ways on narrow layers. A profile records, for one (CPU model, cores, threads,
+onnxruntime version), the batch-1 latency of every segment (its ``run`` call
+plus the exit test, as the engine runs it) and of ``full.onnx``. With the exit
+shares of a threshold (from the calibration table) it gives the expected
+latency per image: ``sum_k share_k * cumulative_ms[k]``.
+
+Profiles live beside the manifest in ``latency_profile.json``, one entry per
+machine key; they are tied to the model by the sha256s of its graphs. A
+profile is never used on a machine it does not describe: ``find_profile``
+raises ProfileError saying why (missing, corrupt, another CPU, thread count,
+onnxruntime version or model).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import machine
+from .errors import ErdeError
+from .files import MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic
+from .manifest import Manifest
+
+PROFILE_NAME = "latency_profile.json"
+PROFILE_FORMAT = "erde-latency-profile"
+PROFILE_VERSION = 1
+TRIM = 0.05  # the slowest 5% of calls (scheduler hiccups) are left out of each mean
+
+
+class ProfileError(ErdeError):
+    """A latency profile is missing, corrupt, or describes another machine or model."""
+
+
+@dataclass(frozen=True)
+class MachineKey:
+    cpu: str
+    cores: int
+    threads: int
+    onnxruntime: str
+
+    @classmethod
+    def here(cls, threads: Optional[int]) -> "MachineKey":
+        import onnxruntime
+
+        return cls(machine.cpu_model(), machine.usable_cores(), machine.effective_threads(threads),
+                   onnxruntime.__version__)
+
+    def describe(self) -> str:
+        return (f"{self.cpu}, {self.cores} cores, {self.threads} thread{'s' * (self.threads != 1)}, "
+                f"onnxruntime {self.onnxruntime}")
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    machine: MachineKey
+    model_sha256: str  # of the segment and full graphs' sha256s, in manifest order
+    segment_ms: Tuple[float, ...]  # mean batch-1 latency of each segment (run + exit test), trimmed
+    full_ms: Optional[float]  # full.onnx, batch 1, same trimming
+    spread: float  # relative run-to-run spread of the all-segments latency across rounds, (max - min) / mean
+    calls: int  # timed calls per graph
+    measured: str  # UTC date and time
+
+    @property
+    def cumulative_ms(self) -> Tuple[float, ...]:
+        return tuple(float(v) for v in np.cumsum(self.segment_ms))
+
+    def expected_ms(self, exit_shares: Sequence[float]) -> float:
+        """Expected latency per image when ``exit_shares[k]`` of the images leave at exit k."""
+        if len(exit_shares) != len(self.segment_ms):
+            raise ProfileError(f"{len(exit_shares)} exit shares for a profile of {len(self.segment_ms)} segments")
+        return float(np.dot(np.asarray(exit_shares, dtype=np.float64), self.cumulative_ms))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def model_sha256(manifest: Manifest) -> str:
+    import hashlib
+
+    parts = [s.sha256 for s in manifest.segments] + ([manifest.full.sha256] if manifest.full else [])
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def _trimmed_mean(values: Sequence[float]) -> float:
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    keep = max(1, int(round(len(v) * (1.0 - TRIM))))
+    return float(v[:keep].mean())
+
+
+def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: int = 0) -> LatencyProfile:
+    """Time every segment (all run, nobody leaves) and full.onnx at batch 1, interleaved in rounds."""
+    if calls < rounds or rounds < 1:
+        raise ErdeError(f"need at least {rounds} calls (got {calls})")
+    m = engine.manifest
+    x = np.random.default_rng(seed).standard_normal((1,) + engine._input_shape).astype(np.float32)
+    for _ in range(warmup):
+        engine.predict_array(x, early_exit=False)
+        if engine.has_full:
+            engine.run_full(x)
+    seg: List[List[float]] = [[] for _ in m.segments]
+    full: List[float] = []
+    totals: List[float] = []
+    clock = time.perf_counter
+    per_round = max(1, calls // rounds)
+    for _ in range(rounds):
+        chain_total = []
+        for _ in range(per_round):
+            p = engine.predict_array(x, early_exit=False)[0]
+            for k, t in enumerate(p.segment_latency_ms):
+                seg[k].append(t)
+            chain_total.append(sum(p.segment_latency_ms))
+            if engine.has_full:
+                t0 = clock()
+                engine.run_full(x)
+                full.append((clock() - t0) * 1000.0)
+        totals.append(_trimmed_mean(chain_total))
+    spread = (max(totals) - min(totals)) / float(np.mean(totals))
+    return LatencyProfile(
+        machine=MachineKey.here(engine.threads), model_sha256=model_sha256(m),
+        segment_ms=tuple(_trimmed_mean(s) for s in seg), full_ms=_trimmed_mean(full) if full else None,
+        spread=float(spread), calls=per_round * rounds,
+        measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+# ---- reading and writing --------------------------------------------------------------------------
+
+
+def _from_dict(d: Any) -> LatencyProfile:
+    try:
+        mk = MachineKey(str(d["machine"]["cpu"]), int(d["machine"]["cores"]), int(d["machine"]["threads"]),
+                        str(d["machine"]["onnxruntime"]))
+        seg = tuple(float(v) for v in d["segment_ms"])
+        full = None if d.get("full_ms") is None else float(d["full_ms"])
+        p = LatencyProfile(mk, str(d["model_sha256"]), seg, full, float(d["spread"]), int(d["calls"]),
+                           str(d["measured"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProfileError(f"an entry lacks or mistypes {e}") from None
+    if not seg or not all(np.isfinite(v) and v > 0 for v in seg + ((full,) if full is not None else ())):
+        raise ProfileError("latencies must be positive finite numbers")
+    return p
+
+
+def load_profiles(folder: Union[str, Path]) -> List[LatencyProfile]:
+    """Every profile in the folder's latency_profile.json ([] if there is none); ProfileError if it is corrupt."""
+    path = Path(folder) / PROFILE_NAME
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        text = read_capped(path, MAX_MANIFEST_BYTES, inside=folder, what="latency profile").decode("utf-8")
+        if not json_depth_ok(text):
+            raise ValueError("nested too deeply")
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"not an {PROFILE_FORMAT} file")
+        if d.get("version") != PROFILE_VERSION:
+            raise ValueError(f"version {d.get('version')!r}, this erde reads version {PROFILE_VERSION}")
+        return [_from_dict(e) for e in d["profiles"]]
+    except ErdeError as e:
+        raise ProfileError(f"{path}: {e}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: corrupt latency profile ({e}); measure again with erde-profile") from None
+
+
+def save_profile(folder: Union[str, Path], profile: LatencyProfile) -> Path:
+    """Add ``profile`` to the folder's profiles, replacing the one of the same machine key."""
+    folder = Path(folder)
+    try:
+        others = [p for p in load_profiles(folder) if p.machine != profile.machine]
+    except ProfileError:
+        others = []  # a corrupt file is replaced by a good one
+    path = folder / PROFILE_NAME
+    write_json_atomic(path, {"format": PROFILE_FORMAT, "version": PROFILE_VERSION,
+                             "profiles": [p.to_dict() for p in others + [profile]]})
+    return path
+
+
+def find_profile(folder: Union[str, Path], manifest: Manifest, threads: Optional[int]) -> LatencyProfile:
+    """The profile of this model on this machine at ``threads``; ProfileError saying why there is none."""
+    here = MachineKey.here(threads)
+    profiles = load_profiles(folder)
+    fix = f"measure one with: erde-profile {folder} --threads {here.threads}"
+    if not profiles:
+        raise ProfileError(f"{Path(folder) / PROFILE_NAME}: no latency profile; {fix}")
+    sha = model_sha256(manifest)
+    for p in profiles:
+        if p.machine == here and p.model_sha256 == sha:
+            if len(p.segment_ms) != manifest.num_exits:
+                raise ProfileError(f"{Path(folder) / PROFILE_NAME}: profile has {len(p.segment_ms)} segments, "
+                                   f"the model {manifest.num_exits}; {fix}")
+            return p
+    mine = [p for p in profiles if p.model_sha256 == sha]
+    if not mine:
+        why = "measured on other graphs (the model was re-exported)"
+    else:
+        why = "measured for " + "; ".join(p.machine.describe() for p in mine)
+    raise ProfileError(f"{Path(folder) / PROFILE_NAME}: no profile for this machine ({here.describe()}): {why}; {fix}")

@@ -1,0 +1,63 @@
+"""erde-profile: measure a model folder's per-segment latency on this machine and store the profile beside it.
+
+    erde-profile MODEL_DIR --threads 1
+
+Writes (or updates) MODEL_DIR/latency_profile.json with one entry for this
+CPU model, core count, thread count and onnxruntime version. ``erde-run`` then
+shows the expected latency at its threshold, and ``erde-calibrate`` chooses
+thresholds in milliseconds. Measure on a quiet machine: nothing else running.
+Exit codes as every erde command (see erde.runtime.cliargs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence, TextIO
+
+from .cliargs import Parser, positive_int, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="erde-profile", description="Measure each segment's batch-1 latency (and full.onnx's) on this "
+                                                "machine and store it beside the manifest.")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model folder (default: the bundled model)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="onnxruntime threads (default: one per usable core); a profile holds for this count only")
+    p.add_argument("--calls", type=positive_int, default=2000, metavar="N", help="timed calls per graph (default 2000)")
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    from .cli import model_folder
+    from .engine import Engine
+    from .profile import measure, save_profile
+
+    engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
+    prof = measure(engine, calls=max(args.calls, 5))
+    path = save_profile(engine.folder, prof)
+    if args.json:
+        print(json.dumps(dict(prof.to_dict(), cumulative_ms=list(prof.cumulative_ms), file=str(path))), file=out)
+        return 0
+    m = engine.manifest
+    print(f"{m.model_name} on {prof.machine.describe()} ({prof.calls} calls per graph, "
+          f"run-to-run spread {prof.spread * 100:.1f}%)", file=out)
+    print("exit  segment ms  cumulative ms  cumulative MACs", file=out)
+    for k, (s, c, seg) in enumerate(zip(prof.segment_ms, prof.cumulative_ms, m.segments)):
+        print(f"{k + 1:>4}  {s:10.3f}  {c:13.3f}  {seg.cumulative_macs:>15,}", file=out)
+    if prof.full_ms is not None:
+        print(f"full.onnx: {prof.full_ms:.3f} ms for {m.full_macs:,} MACs; all segments cost "
+              f"{prof.cumulative_ms[-1] / prof.full_ms:.2f}x full.onnx", file=out)
+    print(f"wrote {path}", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Latency profiles (runtime/profile.py, erde-profile) and calibration in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erde.runtime import engine as engine_mod
+from erde.runtime.calibrate import choose, latency_cost, threshold_table
+from erde.runtime.calibrate_cli import main as calibrate_main
+from erde.runtime.cli import main as run_main
+from erde.runtime.engine import Engine
+from erde.runtime.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
+                                  load_profiles, measure, model_sha256, save_profile)
+from erde.runtime.profile_cli import main as profile_main
+from runtime_fixtures import console_command, make_model_folder, random_image
+
+HEAD_SCALES = (0.5, 1.0, 3.0)
+
+
+@pytest.fixture(autouse=True)
+def per_session_pools(monkeypatch):
+    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
+
+
+@pytest.fixture
+def model(tmp_path):
+    return make_model_folder(tmp_path, head_scales=HEAD_SCALES, channels=16, input_size=(32, 32))
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    for i in range(48):
+        d = root / "train" / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(32, 32, seed=i)).save(d / f"{i:03d}.png")
+    return root
+
+
+def _fake(engine, **changes) -> LatencyProfile:
+    d = dict(machine=MachineKey.here(1), model_sha256=model_sha256(engine.manifest), segment_ms=(0.1, 0.2, 0.3),
+             full_ms=0.55, spread=0.02, calls=100, measured="2026-11-30T00:00:00+00:00")
+    d.update(changes)
+    return LatencyProfile(**d)
+
+
+def test_measure_save_and_find(model):
+    engine = Engine.load(model, threads=1)
+    prof = measure(engine, calls=200, warmup=5)
+    assert len(prof.segment_ms) == 3 and all(v > 0 for v in prof.segment_ms)
+    assert list(prof.cumulative_ms) == sorted(prof.cumulative_ms) and prof.full_ms > 0
+    save_profile(model, prof)
+    assert find_profile(model, engine.manifest, 1) == prof
+    other = _fake(engine, machine=MachineKey("Some ARM board", 4, 4, "1.19.2"))
+    save_profile(model, other)  # a second machine's entry is kept beside this one's
+    assert len(load_profiles(model)) == 2 and find_profile(model, engine.manifest, 1) == prof
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"machine": MachineKey("Another CPU", 2, 1, "1.32.0")}, "Another CPU"),
+    ({"model_sha256": "0" * 64}, "other graphs"),
+])
+def test_a_profile_of_another_machine_or_model_is_refused(model, change, why):
+    engine = Engine.load(model, threads=1)
+    save_profile(model, _fake(engine, **change))
+    with pytest.raises(ProfileError, match=why):
+        find_profile(model, engine.manifest, 1)
+    save_profile(model, _fake(engine))
+    with pytest.raises(ProfileError, match="no profile for this machine"):
+        find_profile(model, engine.manifest, 2)  # same machine, another thread count
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": "erde-latency-profile", "version": 9, "profiles": []}',
+                                  '{"format": "erde-latency-profile", "version": 1, "profiles": [{"x": 1}]}'])
+def test_a_corrupt_profile_is_refused(model, text):
+    engine = Engine.load(model, threads=1)
+    (model / PROFILE_NAME).write_text(text)
+    with pytest.raises(ProfileError, match=PROFILE_NAME):
+        find_profile(model, engine.manifest, 1)
+
+
+def test_a_latency_budget_never_returns_a_threshold_over_budget():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4) * 0.3, size=(3, 400)).astype(np.float32)
+    labels = rng.integers(0, 4, 400)
+    rows = threshold_table(probs, labels, [10, 20, 30], 30, "max-prob")
+    prof = LatencyProfile(MachineKey("cpu", 2, 1, "x"), "s", (0.2, 0.15, 0.25), 0.5, 0.01, 10, "now")
+    cost = latency_cost(prof)
+    met = 0
+    for budget in np.linspace(0.05, 0.7, 60):
+        c = choose(rows, "latency-budget", float(budget), float((probs[-1].argmax(1) == labels).mean()), 30, cost)
+        if c.met:
+            met += 1
+            assert cost(c.row) <= budget
+            assert all(r.accuracy <= c.row.accuracy for r in rows if cost(r) <= budget)
+        else:
+            assert budget < min(cost(r) for r in rows) and c.closest is not None
+    assert 0 < met < 60
+
+
+def test_expected_latency_matches_measured_within_the_spread(model):
+    """The profile's expected latency at a threshold, against timing the engine at that threshold."""
+    engine = Engine.load(model, threads=1)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(60)]
+    exits = np.array([engine.predict_array(x, 0.6)[0].exit_index for x in xs])
+    shares = np.bincount(exits, minlength=3) / len(exits)
+    assert 0 < shares[0] < 1  # the threshold splits the images
+    prof = measure(engine, calls=1000, warmup=20)
+    means = []
+    for _ in range(5):  # rounds: the run-to-run spread of the measured mean
+        t = [engine.predict_array(x, 0.6)[0].latency_ms for x in xs for _ in range(5)]
+        means.append(float(np.mean(np.sort(t)[:int(len(t) * 0.95)])))
+    measured = float(np.median(means))
+    spread = max((max(means) - min(means)) / measured, prof.spread)
+    expected = prof.expected_ms(shares)
+    assert abs(expected - measured) / measured <= max(2 * spread, 0.15), (expected, measured, means, prof)
+
+
+# ---- command lines ---------------------------------------------------------------------------------
+
+
+def test_erde_profile_writes_a_profile_that_erde_run_shows(model, capsys, tmp_path):
+    assert profile_main([str(model), "--threads", "1", "--calls", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "all segments cost" in out and PROFILE_NAME in out
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(32, 32)).save(img)
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "expected latency:" in out and err == ""
+
+
+def test_erde_run_warns_about_a_foreign_profile_and_still_runs(model, capsys, tmp_path):
+    engine = Engine.load(model, threads=1)
+    save_profile(model, _fake(engine, machine=MachineKey("Another CPU", 2, 1, "1.32.0")))
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(32, 32)).save(img)
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("Warning: ") and "Another CPU" in err and "ignored" in err
+    assert "expected latency" not in out
+
+
+def test_calibrate_budget_ms_needs_a_profile_of_this_machine(model, data, capsys):
+    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("Error: ") and "no latency profile" in err and err.count("\n") == 1
+    engine = Engine.load(model, threads=1)
+    save_profile(model, _fake(engine, machine=MachineKey("Another CPU", 2, 1, "1.32.0")))
+    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Another CPU" in err
+
+
+def test_calibrate_in_milliseconds(model, data, capsys):
+    engine = Engine.load(model, threads=1)
+    save_profile(model, _fake(engine))
+    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "0.05", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "none meets" not in err and "closest" in err and "expected 0.1" in err  # under exit 1's cost
+    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "0.2", "--threads", "1", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0 and d["calibration"]["val_expected_ms"] <= 0.2 and d["profile"]
+    rc = calibrate_main([str(model), "--data", str(data), "--threads", "1"])  # accuracy-drop, now in ms
+    out = capsys.readouterr().out
+    assert rc == 0 and "cost: expected latency" in out
+    header = (model / "calibration.csv").read_text().splitlines()[0]
+    assert header.endswith("expected_ms")
+
+
+def test_erde_profile_console_script_bad_model(tmp_path):
+    r = subprocess.run(console_command("erde-profile", "erde.runtime.profile_cli") + [str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1

@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import onnx
 import torch
@@ -75,7 +75,7 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
-                      parity_batch: int = 32) -> Manifest:
+                      parity_batch: int = 32, report: Optional[Callable[[str], None]] = None) -> Manifest:
     """Export ``checkpoint`` into the model folder ``out``.
 
     With ``force`` an existing ``out`` is replaced only if erde-export wrote it
@@ -89,11 +89,12 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
         check_replaceable(out, force, MANIFEST_NAME, protect=[checkpoint], tool="erde-export")
     except UnsafePathError as e:
         raise ExportError(str(e)) from None
-    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch),
+    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report),
                         protect=[checkpoint], tool="erde-export")
 
 
-def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int) -> Manifest:
+def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,
+           report: Optional[Callable[[str], None]] = None) -> Manifest:
     cfg = model.cfg
     num_exits = cfg.num_exits
     pre = ckpt["preprocessing"]
@@ -109,7 +110,7 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     }
     torch.manual_seed(0)
     x = torch.randn(2, 3, h, w)
-    segments, files, problems = [], [], []
+    segments, problems = [], []
     names_in = input_names(num_exits)
     for k in range(num_exits):
         module = SegmentModule(model, k).eval()
@@ -129,7 +130,6 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
             feature_output=None if k == num_exits - 1 else f"features_{k}",
             backbone_macs=macs.backbone[k], head_macs=macs.head[k], cumulative_macs=macs.cumulative[k],
         ))
-        files.append(file)
         x = y[0] if k < num_exits - 1 else x
     image = torch.randn(2, 3, h, w)
     full_proto = _export_graph(FullPath(model).eval(), image, folder / "full.onnx", ["image"], ["probs"],
@@ -137,10 +137,6 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     counted = onnx_macs(full_proto)
     if abs(counted - macs.full) > MACS_RTOL * macs.full:
         problems.append(f"full.onnx: {counted} MACs in the ONNX graph vs {macs.full} from fvcore")
-    gen = torch.Generator().manual_seed(1)
-    probe = torch.cat([torch.randn(parity_batch // 2, 3, h, w, generator=gen),
-                       torch.randn(parity_batch - parity_batch // 2, 3, 1, 1, generator=gen).expand(-1, -1, h, w)])
-    problems += check_parity(model, folder, files, "full.onnx", probe)
     if problems:
         raise ExportError(f"{checkpoint}: export failed {len(problems)} check(s): " + "; ".join(problems))
     metrics = {f"val_accuracy_exit_{k + 1}": float(a)
@@ -160,6 +156,12 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
                 "erde": _erde_version()},
     )
     save_manifest(folder, manifest)
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.cat([torch.randn(parity_batch // 2, 3, h, w, generator=gen),
+                       torch.randn(parity_batch - parity_batch // 2, 3, 1, 1, generator=gen).expand(-1, -1, h, w)])
+    problems = check_parity(model, folder, probe, report)  # through Engine.load, as a board loads the folder
+    if problems:
+        raise ExportError(f"{checkpoint}: export failed {len(problems)} check(s): " + "; ".join(problems))
     return manifest
 
 

@@ -1,24 +1,40 @@
-"""Parity check: ONNX Runtime must reproduce PyTorch on every exported graph.
+"""Parity check through the runtime the folder ships to (optimum's validation step).
 
-Per exit, the largest absolute difference of the probabilities must stay under a
-tolerance, and every sample must take the same exit at a spread of thresholds
-(for both criteria). All failures are collected and reported together.
+The written model folder is loaded with ``Engine.load``, exactly as a board
+loads it (manifest, hashes, tensor names), and must reproduce PyTorch:
+- per graph (each segment and full.onnx), the largest absolute difference of
+  the probabilities stays under ``PROBS_ATOL``;
+- per criterion, every sample takes the same exit at a spread of thresholds,
+  run one image at a time through the engine's batch-1 path.
+Each check gives one ✓/✗ line with the measured difference; every failure is
+collected and reported together.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, List, Optional
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.criteria import exit_indices, normalized_entropy
+from erde.runtime.criteria import CRITERIA, exit_indices, normalized_entropy
+from erde.runtime.engine import Engine
 from erde.training.models import EarlyExitResNet
 
 PROBS_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # a graph file, or "exits (criterion)"
+    ok: bool
+    detail: str  # the measured difference
+
+    def line(self) -> str:
+        return f"{'✓' if self.ok else '✗'} {self.name}: {self.detail}"
 
 
 def _midpoints(values: np.ndarray, count: int) -> List[float]:
@@ -31,36 +47,45 @@ def _midpoints(values: np.ndarray, count: int) -> List[float]:
     return sorted({float(m) for m in mids[pick]})
 
 
-def check_parity(model: EarlyExitResNet, folder: Path, files: Sequence[str], full_file: str,
-                 x: torch.Tensor) -> List[str]:
-    """Compare ORT on the segment chain (and full graph) with PyTorch on input ``x``; return failures."""
-    failures = []
+def parity_checks(model: EarlyExitResNet, folder: Path, x: torch.Tensor) -> List[Check]:
+    """Every check of the folder against PyTorch on input ``x``, through ``Engine.load``."""
     model.eval()
     with torch.no_grad():
         ref = np.stack([F.softmax(o, dim=1).numpy() for o in model(x)])  # [E,N,K]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    feed, got = x.numpy(), []
-    for k, name in enumerate(files):
-        sess = ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: feed})))
-        got.append(outs[f"probs_{k}"])
-        feed = outs.get(f"features_{k}")
-    got = np.stack(got)
-    for k in range(len(files)):
+    engine = Engine.load(folder)  # the process's pool policy, whatever ran before (a notebook, say)
+    xs = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    got = engine.exit_probs(xs)
+    checks = []
+    files = [s.file for s in engine.manifest.segments]
+    for k, file in enumerate(files):
         diff = float(np.abs(got[k] - ref[k]).max())
-        if not diff < PROBS_ATOL:
-            failures.append(f"{files[k]}: probabilities differ from PyTorch by {diff:.2e} (tolerance {PROBS_ATOL:.0e})")
-    sess = ort.InferenceSession(str(folder / full_file), opts, providers=["CPUExecutionProvider"])
-    full = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    diff = float(np.abs(full - ref[-1]).max())
-    if not diff < PROBS_ATOL:
-        failures.append(f"{full_file}: probabilities differ from PyTorch by {diff:.2e} (tolerance {PROBS_ATOL:.0e})")
+        checks.append(Check(file, diff < PROBS_ATOL, f"max |probability difference| {diff:.1e} "
+                                                     f"(tolerance {PROBS_ATOL:.0e})"))
+    if engine.has_full:
+        diff = float(np.abs(engine.run_full(xs) - ref[-1]).max())
+        checks.append(Check(engine.manifest.full.file, diff < PROBS_ATOL,
+                            f"max |probability difference| {diff:.1e} (tolerance {PROBS_ATOL:.0e})"))
     early = ref[:-1]
-    for criterion, conf in (("max-prob", early.max(-1)), ("entropy", normalized_entropy(early))):
-        for t in _midpoints(conf.ravel(), 9):
-            a, b = exit_indices(ref, criterion, t), exit_indices(got, criterion, t)
-            if not np.array_equal(a, b):
-                failures.append(f"{criterion} at threshold {t:.4g}: {int((a != b).sum())} of {len(a)} "
-                                "samples take a different exit in ONNX Runtime than in PyTorch")
-    return failures
+    for criterion in CRITERIA:
+        conf = early.max(-1) if criterion == "max-prob" else normalized_entropy(early)
+        thresholds = _midpoints(conf.ravel(), 9)
+        wrong = []
+        for t in thresholds:
+            want = exit_indices(ref, criterion, t)
+            have = np.array([p.exit_index for p in engine.predict_array(xs, t, criterion, batch_size=1)])
+            if not np.array_equal(want, have):
+                wrong.append(f"{int((want != have).sum())} of {len(want)} samples at threshold {t:.4g}")
+        checks.append(Check(f"exits ({criterion})", not wrong,
+                            "; ".join(wrong) + " take another exit than in PyTorch" if wrong else
+                            f"same exit for all {len(xs)} samples at {len(thresholds)} thresholds"))
+    return checks
+
+
+def check_parity(model: EarlyExitResNet, folder: Path, x: torch.Tensor,
+                 report: Optional[Callable[[str], None]] = None) -> List[str]:
+    """The failures of ``parity_checks`` (empty when all pass); ``report`` gets each ✓/✗ line."""
+    checks = parity_checks(model, folder, x)
+    for c in checks:
+        if report is not None:
+            report(c.line())
+    return [f"{c.name}: {c.detail}" for c in checks if not c.ok]

@@ -18,16 +18,23 @@ from .errors import ErdeError
 CRITERIA = ("max-prob", "entropy")
 
 
-def check_threshold(criterion: str, threshold: float) -> float:
+RULES = {"max-prob": "max-prob: leave when max probability >= t",
+         "entropy": "entropy: leave when normalised entropy <= t"}
+
+
+def check_criterion(criterion: object) -> str:
     if criterion not in CRITERIA:
-        raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ErdeError(f"threshold {threshold!r} is not a number; give a value in [0, 1]") from None
-    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
-        raise ErdeError(f"threshold {threshold!r} is out of range; give a value in [0, 1]")
-    return t
+        raise ErdeError(f"unknown exit criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    return criterion  # type: ignore[return-value]
+
+
+def check_threshold(criterion: str, threshold: object) -> float:
+    """The one threshold check of every stage: a real number in [0, 1] (not a string or bool)."""
+    check_criterion(criterion)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(threshold)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ErdeError(f"threshold {threshold!r} is not a number in [0, 1] ({RULES[criterion]})")
+    return float(threshold)
 
 
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
@@ -37,7 +44,7 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
-    """Boolean mask [N]: which rows of probs [N,K] may leave at this exit."""
+    """Boolean mask [N]: which rows of probs [N,K] may leave at this exit (the exit rule of every stage)."""
     if criterion == "max-prob":
         return probs.max(axis=-1) >= threshold
     return normalized_entropy(probs) <= threshold

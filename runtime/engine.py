@@ -5,23 +5,13 @@ k returns the softmax probabilities of exit k and, except the last, the
 feature map for segment k+1. An image leaves at the first exit whose
 probabilities pass the exit rule (``exit_mask``); the last exit always answers.
 
-Thread pools: chained sessions that each own an intra-op pool are slow on
-small CPUs because idle pool threads spin and steal the cores from the session
-that runs. So, by default, all sessions of the process share onnxruntime's
-global thread pool when this onnxruntime has ``set_global_thread_pool_sizes``;
-otherwise (or with ``shared_pool=False``) each session gets its own pool with
-spinning turned off. Once the global pool exists, onnxruntime refuses any
-session that does not use it: create other sessions in the same process with
-``make_session`` (or ``session_options``), not with a bare
-``onnxruntime.InferenceSession``.
+Sessions and the thread-pool policy live in ``erde.runtime.sessions``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,23 +23,12 @@ from PIL import Image
 from . import criteria
 from .errors import ErdeError, ModelFolderError
 from .files import MAX_GRAPH_BYTES, read_capped
-from .manifest import CRITERIA, MANIFEST_NAME, Manifest, load_manifest
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
+from .sessions import _check_providers, _check_threads, _one_line, make_session
 
-try:
-    import onnxruntime as ort
-except ImportError:  # reported by Engine.load, so that `import erde.runtime.engine` alone never fails
-    ort = None  # type: ignore[assignment]
-
-#: Default for ``shared_pool``: use onnxruntime's process-wide thread pool when available.
-SHARED_POOL_DEFAULT = True
-DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 #: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
 MAX_RUN_BATCH = 256
-
-_pool_lock = threading.Lock()
-_global_pool_threads: Optional[int] = None  # threads of the global pool we created; 0 = onnxruntime's default
-_global_pool_active = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,121 +36,12 @@ _global_pool_active = False
 
 
 def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
-    """Which rows of ``probs`` [N, K] may leave at this exit (bool [N]).
-
-    "max-prob": max(p) >= threshold; "entropy": H(p)/log(K) <= threshold. The
-    rule is ``criteria.passes``, shared with the PyTorch evaluation, so that
-    calibration and runtime agree.
-    """
-    if criterion not in CRITERIA:
-        raise ErdeError(f"unknown exit criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-    return criteria.passes(probs, criterion, threshold)
+    """Which rows of ``probs`` [N, K] may leave at this exit (bool [N]): ``criteria.passes``, checked."""
+    return criteria.passes(probs, criteria.check_criterion(criterion), threshold)
 
 
 def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
-    """Validate a (criterion, threshold) pair; the threshold must be a real number, not a string or bool."""
-    if criterion not in CRITERIA:
-        raise ErdeError(f"unknown exit criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(threshold)) or not 0.0 <= float(threshold) <= 1.0:
-        rule = ("max-prob: leave when max probability >= t" if criterion == "max-prob"
-                else "entropy: leave when normalised entropy <= t")
-        raise ErdeError(f"threshold {threshold!r} is not a number in [0, 1] ({rule})")
-    return criterion, criteria.check_threshold(criterion, threshold)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sessions and thread pools
-
-
-def _require_ort() -> Any:
-    if ort is None:
-        raise ErdeError("onnxruntime is not installed; install the runtime with: pip install 'erde[runtime]'")
-    return ort
-
-
-def _check_threads(threads: Optional[int]) -> Optional[int]:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ErdeError(f"threads must be a positive integer or None (onnxruntime's default), got {threads!r}")
-    return int(threads)
-
-
-def _use_global_pool(threads: Optional[int], shared_pool: bool) -> bool:
-    """Create the global pool if wanted and possible; return whether sessions must use it."""
-    global _global_pool_threads, _global_pool_active
-    rt = _require_ort()
-    with _pool_lock:
-        if _global_pool_active:
-            if threads is not None and threads != _global_pool_threads:
-                have = "onnxruntime's default number of" if not _global_pool_threads else str(_global_pool_threads)
-                raise ErdeError(
-                    f"this process already runs models on a shared onnxruntime thread pool of {have} threads, "
-                    f"which cannot be resized; pass threads={_global_pool_threads or None} (or omit threads), "
-                    "or use a separate process for another thread count")
-            return True
-        if not shared_pool or not hasattr(rt, "set_global_thread_pool_sizes"):
-            return False
-        try:
-            rt.set_global_thread_pool_sizes(threads or 0, 1)
-        except Exception as e:  # someone else in this process created the global pools first: use them
-            if "already" not in str(e):
-                raise ErdeError(f"onnxruntime could not create its shared thread pool: {e}") from None
-            _global_pool_threads = threads
-        else:
-            _global_pool_threads = threads or 0
-        _global_pool_active = True
-        return True
-
-
-def session_options(threads: Optional[int] = None, shared_pool: Optional[bool] = None) -> Any:
-    """SessionOptions for one session: all graph optimisations, and the thread-pool policy above.
-
-    ``threads`` None means onnxruntime's default (one thread per physical core).
-    ``shared_pool`` None means ``SHARED_POOL_DEFAULT``.
-    """
-    rt = _require_ort()
-    threads = _check_threads(threads)
-    so = rt.SessionOptions()
-    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
-    if _use_global_pool(threads, SHARED_POOL_DEFAULT if shared_pool is None else shared_pool):
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = threads or 0
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
-
-
-def _check_providers(providers: Optional[Sequence[str]]) -> List[str]:
-    if providers is None:
-        return list(DEFAULT_PROVIDERS)
-    if isinstance(providers, str) or not providers:
-        raise ErdeError(f"providers must be a non-empty list of names, got {providers!r}")
-    available = _require_ort().get_available_providers()
-    unknown = [p for p in providers if p not in available]
-    if unknown:
-        raise ErdeError(f"onnxruntime provider(s) {unknown} are not available here; available: {available}")
-    return list(providers)
-
-
-def make_session(model: Union[str, os.PathLike, bytes], threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None, shared_pool: Optional[bool] = None,
-                 name: str = "") -> Any:
-    """An onnxruntime.InferenceSession that follows this module's thread-pool policy."""
-    rt = _require_ort()
-    so = session_options(threads, shared_pool)
-    where = name or (str(model) if not isinstance(model, bytes) else "ONNX model")
-    try:
-        return rt.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                   providers=_check_providers(providers))
-    except ErdeError:
-        raise
-    except Exception as e:
-        raise ModelFolderError(f"{where}: onnxruntime cannot load this graph ({_one_line(e)}); "
-                               "re-export the model folder with erde-export") from None
+    return criteria.check_criterion(criterion), criteria.check_threshold(criterion, threshold)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,12 +81,6 @@ class _Stage:
     input_name: str
     output_names: List[str]  # [probs] or [probs, features]
     file: str
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """onnxruntime's messages span lines; an Error: line must not."""
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _sha256(data: bytes) -> str:

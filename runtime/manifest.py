@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .criteria import CRITERIA  # noqa: F401 (re-exported: the manifest names these criteria)
 from .errors import ManifestError
 from .files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAC_CONVENTION = "multiply-accumulates of Conv and Linear/Gemm layers (1 multiply-add = 1 MAC)"
-CRITERIA = ("max-prob", "entropy")
 RESIZE_RULES = ("stretch", "shorter-side-center-crop")
 
 Dim = Union[int, str]  # an int, or the name of a dynamic axis such as "batch"

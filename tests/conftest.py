@@ -6,6 +6,17 @@ import pytest
 from training_fixtures import make_image_folder, train_cli
 
 
+@pytest.fixture(autouse=True, scope="session")
+def per_session_pools():
+    """In-process tests use per-session pools: onnxruntime's global pool, once made, would force every later
+    session of this pytest process onto it. The default policy is tested in a subprocess (test_engine.py)."""
+    from erde.runtime import sessions
+
+    old, sessions.SHARED_POOL_DEFAULT = sessions.SHARED_POOL_DEFAULT, False
+    yield
+    sessions.SHARED_POOL_DEFAULT = old
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ERDE_CACHE", str(tmp_path_factory.getbasetemp() / "erde-cache"))

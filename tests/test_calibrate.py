@@ -10,7 +10,6 @@ from PIL import Image
 
 from erde.runtime import calibrate as cal_mod
 from erde.runtime import cli as run_cli
-from erde.runtime import engine as engine_mod
 from erde.runtime.calibrate import ThresholdRow, choose, threshold_grid
 from erde.runtime.calibrate_cli import main
 from erde.runtime.datasets import DataError, image_folder_split, list_image_folder, split_indices
@@ -23,18 +22,9 @@ from runtime_fixtures import console_command, torch_blocked_env, make_model_fold
 HEAD_SCALES = (0.5, 1.0, 3.0)  # early exits less sure than the last, so thresholds matter
 
 
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
-
 
 def _engine(folder):
-    old = engine_mod.SHARED_POOL_DEFAULT
-    engine_mod.SHARED_POOL_DEFAULT = False
-    try:
-        return Engine.load(folder, threads=1)
-    finally:
-        engine_mod.SHARED_POOL_DEFAULT = old
+    return Engine.load(folder, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,8 @@ import pytest
 from PIL import Image
 
 from erde.benchmarks import cifar10_study as study
-from erde.runtime import engine as engine_mod
 from runtime_fixtures import make_model_folder, random_image
 
-
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
 
 
 def test_mean_accuracy_over_a_mac_range():

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from erde.runtime import cli
-from erde.runtime import engine as engine_mod
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import Calibration
 from runtime_fixtures import console_command, torch_blocked_env, make_model_folder, random_image
@@ -23,10 +22,6 @@ JSON_KEYS = {"image", "class_index", "class_name", "confidence", "exit_index", "
 LINE = re.compile(r"^(?P<name>.+): class\d \((?P<conf>[01]\.\d\d)\) exit (?P<exit>[123])/3, \d+% of full MACs "
                   r"\(\d+% saved\), \d+\.\d\d ms$")
 
-
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ from PIL import Image
 
 from erde.benchmarks import edge_bench
 from erde.benchmarks.edge_bench import main
-from erde.runtime import engine as engine_mod
 from erde.runtime.manifest import Calibration
 from runtime_fixtures import make_model_folder, random_image
 
 HEAD_SCALES = (0.5, 1.0, 3.0)  # early exits less sure than the last, so thresholds matter
 FAST = ["--repeats", "5", "--warmup", "1", "--threads", "1", "--batch-size", "3"]
 
-
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
 
 
 @pytest.fixture(scope="module")

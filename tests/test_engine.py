@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erde.runtime import engine as engine_mod
-from erde.runtime.engine import Engine, Prediction, exit_mask, make_session, session_options
+from erde.runtime.engine import Engine, Prediction, exit_mask
+from erde.runtime.sessions import make_session, session_options
 from erde.runtime.errors import ErdeError, ManifestError, ModelFolderError
 from erde.runtime.manifest import Calibration
 from runtime_fixtures import make_model_folder, random_image, random_inputs
 
 TESTS = Path(__file__).resolve().parent
 
-
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    # In-process tests use per-session pools: onnxruntime's global pool, once made, would force every later
-    # session of this pytest process (other packages' tests too) onto it. It is tested in a subprocess below.
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +28,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eng(folder):
-    engine_mod.SHARED_POOL_DEFAULT = False
-    try:
-        return Engine.load(folder, threads=1)
-    finally:
-        engine_mod.SHARED_POOL_DEFAULT = True
+    return Engine.load(folder, threads=1)
 
 
 X = random_inputs(48)
@@ -293,7 +283,8 @@ def test_global_pool_in_fresh_process(folder):
     code = textwrap.dedent(f"""
         import sys
         import onnxruntime as ort
-        from erde.runtime.engine import Engine, session_options
+        from erde.runtime.engine import Engine
+        from erde.runtime.sessions import session_options
         from erde.runtime.errors import ErdeError
         from runtime_fixtures import random_inputs
         assert hasattr(ort, "set_global_thread_pool_sizes")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erde.runtime import engine as engine_mod
 from erde.runtime.calibrate import choose, latency_cost, threshold_table
 from erde.runtime.calibrate_cli import main as calibrate_main
 from erde.runtime.cli import main as run_main
@@ -21,10 +20,6 @@ from runtime_fixtures import console_command, make_model_folder, random_image
 
 HEAD_SCALES = (0.5, 1.0, 3.0)
 
-
-@pytest.fixture(autouse=True)
-def per_session_pools(monkeypatch):
-    monkeypatch.setattr(engine_mod, "SHARED_POOL_DEFAULT", False)  # see test_engine.py
 
 
 @pytest.fixture

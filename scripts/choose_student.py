@@ -1,0 +1,205 @@
+"""Choose the CIFAR-10 student by validation accuracy at matched *measured* latency (issue 12).
+
+    python scripts/choose_student.py --data ../shared/datasets/cifar10 --threads 1 \
+        runs/cand/resnet8_ee.pt runs/cand/resnet20_w8_ee.pt runs/cand/resnet14_ee_x13.pt
+
+For each candidate checkpoint: export it (erde-export, into --work), measure
+its latency profile on this machine (erde-profile: every segment and
+full.onnx at batch 1), run every exit over the validation split carved from
+the training data, and sweep the max-prob threshold. Each threshold gives a
+point (expected latency in ms, validation accuracy); each candidate's static
+``full.onnx`` gives one more. The choice: the candidate whose early-exit curve
+(upper envelope) has the highest mean validation accuracy over the latency
+range every candidate covers. The test split is read only for the report's
+final check, after the choice. Run it on a quiet machine: it times.
+
+Writes --out/{README.md, curves.csv, choice.json, plot.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _erde():  # imported late so that --help works without the package
+    from erde.export.exporter import export_checkpoint
+    from erde.runtime import calibrate as cal, machine
+    from erde.runtime.datasets import image_folder_split
+    from erde.runtime.engine import Engine
+    from erde.runtime.files import write_atomic
+    from erde.runtime.manifest import load_manifest
+    from erde.runtime.profile import find_profile, measure, save_profile, ProfileError
+    from erde.training.checkpoint import read_checkpoint
+    return locals()
+
+
+def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> Dict:
+    e = _erde()
+    folder = work / (ckpt.stem + "_onnx")
+    sha = None
+    if (folder / "manifest.json").exists():
+        sha = e["load_manifest"](folder).source.get("checkpoint_sha256")
+    from erde.export.exporter import sha256_file
+
+    if sha != sha256_file(ckpt):
+        e["export_checkpoint"](ckpt, folder, force=True)
+    engine = e["Engine"].load(folder, threads=threads)
+    m = engine.manifest
+    try:
+        prof = e["find_profile"](folder, m, threads)
+    except e["ProfileError"]:
+        prof = e["measure"](engine, calls=calls)
+        e["save_profile"](folder, prof)
+    vd = e["cal"].validation_files(data, m.class_names, e["cal"].default_val_fraction(m))
+    val = e["cal"].validation_probs(engine, vd.files)
+    test_folder = e["image_folder_split"](data, "test")
+    test = e["cal"].validation_probs(engine, test_folder.files)
+    cum = [s.cumulative_macs for s in m.segments]
+    out = {"name": ckpt.stem, "arch": m.model_name, "exits": len(cum), "cumulative_macs": cum,
+           "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms), "cumulative_ms": list(prof.cumulative_ms),
+           "full_ms": prof.full_ms, "chain_over_full": prof.cumulative_ms[-1] / prof.full_ms,
+           "profile": prof.machine.describe(), "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO)
+                                                            else folder.name)}
+    for split, probs, labels in (("val", val, vd.labels), ("test", test, test_folder.labels)):
+        rows = e["cal"].threshold_table(probs, labels, cum, m.full_macs, "max-prob")
+        out[split] = {"exit_accuracy": [float((p.argmax(1) == labels).mean()) for p in probs],
+                      "curve": [{"threshold": r.threshold, "accuracy": r.accuracy, "mean_macs": r.mean_macs,
+                                 "expected_ms": prof.expected_ms(r.exit_shares), "exit_shares": list(r.exit_shares)}
+                                for r in rows]}
+    return out
+
+
+def envelope(curve: List[Dict], budgets: np.ndarray) -> np.ndarray:
+    """Best accuracy with expected latency <= each budget (nan where the curve has no point)."""
+    ms = np.array([p["expected_ms"] for p in curve])
+    acc = np.array([p["accuracy"] for p in curve])
+    return np.array([acc[ms <= b].max() if (ms <= b).any() else np.nan for b in budgets])
+
+
+def choose(cands: List[Dict], split: str = "val", points: int = 20) -> Dict:
+    lo = max(min(p["expected_ms"] for p in c[split]["curve"]) for c in cands)
+    hi = min(max(p["expected_ms"] for p in c[split]["curve"]) for c in cands)
+    if hi <= lo:  # the curves do not overlap in latency: compare at each one's own range end
+        lo, hi = min(lo, hi), max(lo, hi)
+    budgets = np.linspace(lo, hi, points)
+    scores = {c["name"]: float(np.nanmean(envelope(c[split]["curve"], budgets))) for c in cands}
+    best = max(scores, key=scores.get)
+    return {"split": split, "budgets_ms": budgets.tolist(), "scores": scores, "chosen": best,
+            "rule": (f"mean {split} accuracy of each candidate's max-prob envelope over {points} latency budgets "
+                     f"from {lo:.3f} to {hi:.3f} ms (the range every candidate covers); highest wins")}
+
+
+def curves_csv(cands: List[Dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["candidate", "split", "threshold", "accuracy", "expected_ms", "mean_macs"])
+    for c in cands:
+        for split in ("val", "test"):
+            for p in c[split]["curve"][::10]:
+                w.writerow([c["name"], split, f"{p['threshold']:.3f}", f"{p['accuracy']:.4f}",
+                            f"{p['expected_ms']:.4f}", f"{p['mean_macs']:.0f}"])
+            w.writerow([c["name"], split, "static", f"{c[split]['exit_accuracy'][-1]:.4f}", f"{c['full_ms']:.4f}",
+                        c["full_macs"]])
+    return buf.getvalue()
+
+
+def plot(cands: List[Dict], path: Path, write_atomic) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, unit in ((axes[0], "expected_ms", "expected latency per image (ms, batch 1)"),
+                          (axes[1], "mean_macs", "mean MACs per image")):
+        for i, c in enumerate(cands):
+            col = f"C{i}"
+            curve = c["test"]["curve"]
+            ax.plot([p[key] for p in curve], [100 * p["accuracy"] for p in curve], color=col, label=c["name"])
+            static_x = c["full_ms"] if key == "expected_ms" else c["full_macs"]
+            ax.plot([static_x], [100 * c["test"]["exit_accuracy"][-1]], "s", color=col, ms=8)
+        ax.set_xlabel(unit)
+        ax.set_ylabel("CIFAR-10 test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Early exit (lines) vs static full.onnx (squares)")
+    axes[0].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return True
+
+
+def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd: str) -> str:
+    L = ["# Choosing the CIFAR-10 student by measured latency", "",
+         f"Machine: {machine_line}; onnxruntime, batch 1, {threads} thread(s). Command:", "", f"    {cmd}", "",
+         "Candidates are trained with the same schedule; each is exported, profiled on this machine "
+         "(`erde-profile`), and swept over max-prob thresholds on the validation split carved from the training "
+         "data. Expected latency = sum over exits of (share of images leaving there) x (measured cumulative "
+         "latency of that exit).", "",
+         f"**Rule:** {choice['rule']}. **Chosen: `{choice['chosen']}`.**", "",
+         "| candidate | exits | full MACs | full.onnx ms | all segments / full.onnx | val acc per exit | "
+         "score (val) |", "|---|---:|---:|---:|---:|---|---:|"]
+    for c in cands:
+        acc = " / ".join(f"{100 * a:.1f}" for a in c["val"]["exit_accuracy"])
+        L.append(f"| `{c['name']}` ({c['arch']}) | {c['exits']} | {c['full_macs'] / 1e6:.1f} M | {c['full_ms']:.3f} "
+                 f"| {c['chain_over_full']:.2f}x | {acc} | {100 * choice['scores'][c['name']]:.2f}% |")
+    L += ["", "Per exit: cumulative latency (ms) and MACs, from each candidate's profile:", ""]
+    for c in cands:
+        L.append(f"- `{c['name']}`: " + ", ".join(f"exit {k + 1} {ms:.3f} ms / {macs / 1e6:.1f} M"
+                                                    for k, (ms, macs) in enumerate(zip(c["cumulative_ms"],
+                                                                                       c["cumulative_macs"]))))
+    L += ["", "Test split, read only after the choice: static full.onnx of each candidate against the chosen "
+          "student's early-exit curve (the best test accuracy it reaches at or below that latency):", "",
+          "| static point | full.onnx ms | test acc | chosen student, best test acc at <= that latency |",
+          "|---|---:|---:|---:|"]
+    chosen = next(c for c in cands if c["name"] == choice["chosen"])
+    for c in cands:
+        env = envelope(chosen["test"]["curve"], np.array([c["full_ms"]]))[0]
+        L.append(f"| `{c['name']}` | {c['full_ms']:.3f} | {100 * c['test']['exit_accuracy'][-1]:.2f}% | "
+                 + ("none (slower)" if np.isnan(env) else f"{100 * env:.2f}%") + " |")
+    L += ["", "Files: `curves.csv` (every 10th threshold and the static points), `choice.json`, `plot.png`."]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
+    args = ap.parse_args(argv)
+    e = _erde()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cands = [candidate(c, args.work, args.data, args.threads, args.calls) for c in args.checkpoints]
+    choice = choose(cands)
+    cmd = "python scripts/choose_student.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    e["write_atomic"](args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
+        {k: v for k, v in c.items() if k not in ("val", "test")} | {"val_exit_accuracy": c["val"]["exit_accuracy"],
+                                                                     "test_exit_accuracy": c["test"]["exit_accuracy"]}
+        for c in cands]}, indent=2) + "\n")
+    e["write_atomic"](args.out / "curves.csv", curves_csv(cands))
+    plot(cands, args.out / "plot.png", e["write_atomic"])
+    e["write_atomic"](args.out / "README.md", readme(cands, choice, e["machine"].describe(), args.threads, cmd))
+    print(f"chosen: {choice['chosen']} ({json.dumps(choice['scores'])}); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -162,9 +162,35 @@ def test_model_dir_defaults_to_the_bundled_model(capsys, monkeypatch, model, ima
     assert rc == 2 and err.startswith("Error: no model folder given") and len(err.splitlines()) == 1
 
 
-def test_default_out_folder_names_the_host():
-    out = edge_bench.default_out()
-    assert out.parent == Path("benchmarks/results") and out.name.startswith("edge-")
+def test_default_out_folder_is_under_the_cache_and_names_no_host(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    out = edge_bench.default_out("m", 1)
+    assert out.is_absolute() and out.parent.name == "bench" and out.name.startswith("edge-m-") and out.name.endswith("-1t")
+    assert socket.gethostname() not in str(out)
+
+
+def test_out_never_writes_into_a_users_folder(capsys, model, images, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my own results")
+    rc, out, err = run(capsys, model, "--images", images, "--out", mine, "--cold-starts", "0", *FAST)
+    assert rc == 2 and "not written by erde-bench" in err and len(err.splitlines()) == 1
+    assert (mine / "results.csv").read_text() == "my own results"
+
+
+def test_accuracy_from_class_folders(capsys, model, tmp_path):
+    imgs = tmp_path / "labelled"
+    for i in range(8):
+        (imgs / f"class{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(12, 10, seed=i)).save(imgs / f"class{i % 4}" / f"{i}.png")
+    rc, out, err = run(capsys, model, "--images", imgs, "--out", tmp_path / "o", "--cold-starts", "0", *FAST)
+    assert rc == 0, err
+    rows = read_csv(tmp_path / "o" / "results.csv")
+    accs = {r["method"]: float(r["accuracy"]) for r in rows if r["batch"] == "1"}
+    assert set(accs) == {"engine", "engine-all-segments", "full-onnx"} and all(0 <= a <= 1 for a in accs.values())
+    assert "points lost by leaving early" in (tmp_path / "o" / "summary.md").read_text()
 
 
 def test_runs_without_torch_and_matplotlib(tmp_path, model, images):

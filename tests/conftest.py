@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The maintenance scripts (study, bundle builder, ...) live in scripts/, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from training_fixtures import make_image_folder, train_cli
 
 

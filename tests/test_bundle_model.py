@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from erde.benchmarks import bundle_model
+import bundle_model
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import load_manifest
 from runtime_fixtures import console_command, torch_blocked_env

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from erde.benchmarks import cifar10_study as study
+import cifar10_study as study
 from runtime_fixtures import make_model_folder, random_image
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from erde.benchmarks.study_report import (
+from study_report import (
     EXITS_CSV, POINTS_CSV, SUMMARY_JSON, read_csv, summarize, write_report,
 )
 

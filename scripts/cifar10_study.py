@@ -3,7 +3,7 @@
 One command runs it from data to report; every step that is already done is reused,
 so the study can span several sessions (training steps resume from their checkpoints):
 
-    python -m erde.benchmarks.cifar10_study --data ../shared/datasets/cifar10 --budget cpu
+    python scripts/cifar10_study.py --data ../shared/datasets/cifar10 --budget cpu
 
 Steps: train the teacher; choose beta (the entropy weight) on the validation split with
 short ERDE runs; train four students with the same architecture, seed and schedule that
@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from erde.benchmarks.study_report import write_report
+from study_report import write_report
 from erde.runtime.cliargs import Parser, positive_int, run_cli
 from erde.runtime.criteria import exit_indices, sweep
 from erde.runtime.datasets import cache_dir
@@ -260,7 +260,7 @@ def student_name(method: str, seed: int, budget: Budget) -> str:
 
 
 def main(argv: Sequence[str] = None) -> int:
-    ap = Parser(prog="python -m erde.benchmarks.cifar10_study", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python scripts/cifar10_study.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"),
                     help="CIFAR-10 image folder with train/ and test/ (env ERDE_DATA)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] = None) -> int:
         args = ap.parse_args(argv)
         if args.data is None or not (Path(args.data) / "train").is_dir():
             raise ErdeError(f"--data {args.data}: not a CIFAR-10 image folder with train/ and test/")
-        run_study(args, " ".join(["python -m erde.benchmarks.cifar10_study"] + list(argv or sys.argv[1:])))
+        run_study(args, " ".join(["python scripts/cifar10_study.py"] + list(argv or sys.argv[1:])))
         return 0
 
     return run_cli(run, argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check that the bundled model runs on the oldest onnxruntime the runtime declares (1.19.2, the last
 # release for Python 3.9, still common on boards) and answers like the onnxruntime installed here.
-# Usage: benchmarks/check_oldest_ort.sh IMAGE_FOLDER   (e.g. ../shared/datasets/cifar10/test/ship)
+# Usage: scripts/check_oldest_ort.sh IMAGE_FOLDER   (e.g. ../shared/datasets/cifar10/test/ship)
 # Builds a throw-away venv with onnxruntime==1.19.2 (from the package index) and this checkout
 # (runtime extra only, no torch), runs erde-run --json over the folder with both versions and
 # compares the class and exit of every image and the largest confidence difference.

@@ -1,6 +1,6 @@
 """Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from the CIFAR-10 study.
 
-    python -m erde.benchmarks.bundle_model --data ../shared/datasets/cifar10
+    python scripts/bundle_model.py --data ../shared/datasets/cifar10
 
 Takes the ERDE student the study exported (``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``; run the study first),
 calibrates its threshold on the validation split (``erde-calibrate``: fewest MACs within
@@ -54,7 +54,7 @@ def draw_samples(folder: Path) -> None:
 
 
 def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
-    from erde.benchmarks.cifar10_study import load_test_split, test_split_exit_probs
+    from cifar10_study import load_test_split, test_split_exit_probs
 
     images, labels, _ = load_test_split(data)
     probs = test_split_exit_probs(model_dir, images, threads)
@@ -67,7 +67,7 @@ def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: f
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python -m erde.benchmarks.bundle_model", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python scripts/bundle_model.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
     ap.add_argument("--study", type=Path, default=cache_dir() / "study" / "cifar10-cpu", help="the study's work folder")
     ap.add_argument("--max-drop", type=finite_number, default=0.5, help="accuracy drop allowed, in points")
@@ -81,7 +81,7 @@ def bundle(args) -> int:
     source = args.study / "erde_onnx"
     if not (source / "manifest.json").exists():
         raise ErdeError(f"{source}: no exported ERDE student; run the study first "
-                        "(python -m erde.benchmarks.cifar10_study --data PATH)")
+                        "(python scripts/cifar10_study.py --data PATH)")
     if args.data is None:
         raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
     draw_samples(SAMPLES)

@@ -1,6 +1,6 @@
 """How much does cutting a model into chained ONNX Runtime sessions cost, per thread-pool policy?
 
-    python -m erde.benchmarks.session_chain MODEL_DIR [--threads 1 2] [--repeats 2000]
+    python scripts/session_chain.py MODEL_DIR [--threads 1 2] [--repeats 2000]
 
 For each policy (one shared global pool; per-session pools without spinning; per-session pools
 with onnxruntime's default spinning) and thread count, each in a fresh process (the global pool is
@@ -73,7 +73,7 @@ def measure(model_dir: Path, policy: str, threads: int, repeats: int) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python -m erde.benchmarks.session_chain", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python scripts/session_chain.py", description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=positive_int, default=2000)
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'policy':8} threads  full.onnx (p50)  segment chain (p50)  chain / full")
     for policy in POLICIES:
         for t in args.threads:
-            proc = subprocess.run([sys.executable, "-m", "erde.benchmarks.session_chain", str(args.model_dir),
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(args.model_dir),
                                    "--repeats", str(args.repeats), "--one", policy, str(t)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

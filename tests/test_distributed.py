@@ -23,7 +23,7 @@ from erde.training import distributed
 from erde.training.checkpoint import read_checkpoint
 from erde.training.losses import LossConfig
 from erde.training.models import build_model, model_config
-from erde.training.train import DeviceConfig, RunInfo, TrainConfig, TrainData, train
+from erde.training.train import DeviceConfig, Hooks, RunInfo, TrainConfig, TrainData, train
 from training_fixtures import train_cli
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -113,7 +113,8 @@ def test_autocast_path_runs_and_saves_float32_cpu_tensors(tmp_path):
     model, teacher = build_model(model_config("tiny_ee", 3)), build_model(model_config("tiny_ee", 3)).eval()
     info = RunInfo("student", ["a", "b", "c"], {}, {}, str(tmp_path / "s.pt"))
     metrics = train(model, _tiny_train_data(2, 2), TrainConfig(epochs=1, batch_size=2), LossConfig("erde"), info,
-                    teacher, log=lambda m: None, progress=False, dev=DeviceConfig(torch.device("cpu"), "bf16"))
+                    teacher, hooks=Hooks(log=lambda m: None, progress=False),
+                    dev=DeviceConfig(torch.device("cpu"), "bf16"))
     assert len(metrics["val_exit_accuracy"]) == 4
     ckpt = read_checkpoint(tmp_path / "s.pt")
     assert all(v.device.type == "cpu" and v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())
@@ -146,9 +147,10 @@ def _train_without_bn(batch_size: int, out: Path, ctx=None) -> None:
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     info = RunInfo("teacher", ["a", "b", "c"], {}, {}, str(out), rank, world)
     # Same --lr in both runs: the peak follows the global batch (lr x batch x processes / 128), which is 2B in both.
+    hooks = Hooks(log=lambda m: None, progress=False, ddp_model=ctx.wrap(model) if ctx else None,
+                  reduce_metrics=ctx.all_reduce_sum if ctx else None, sync_buffers=ctx.sync_buffers if ctx else None)
     train(model, _tiny_train_data(), TrainConfig(epochs=2, batch_size=batch_size, lr=0.2), LossConfig("ce"), info,
-          log=lambda m: None, progress=False, ddp_model=ctx.wrap(model) if ctx else None,
-          reduce_metrics=ctx.all_reduce_sum if ctx else None, sync_buffers=ctx.sync_buffers if ctx else None)
+          hooks=hooks)
 
 
 def _equivalence_worker(rank: int, port: int, out: str, batch_size: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,17 +14,16 @@ from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import write_json_atomic
 
 from . import distributed
-from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .checkpoint import load_model
 from .cliutil import debug_option, friendly_errors, run_click
-from .data import Dataset, channel_stats, load_split, to_tensor, train_val_split
+from .data import load_split, to_tensor
 from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
 from .macs import exit_macs
-from .models import build_model, list_archs, model_config, parse_exits
-from .train import AMP_MODES, DeviceConfig, RunInfo, TrainConfig, TrainData, steps_per_epoch, train, train_config_dict
+from .models import list_archs, parse_exits
+from .run import RunOptions, RunSpec, load_train_val, run
+from .train import AMP_MODES, DeviceConfig, TrainConfig
 
-# Arguments that must not change when a run is resumed.
-_RESUME_KEYS = ("arch", "exits", "data", "limit", "val_fraction", "train", "loss", "teacher")
 
 
 def _data_options(fn):
@@ -76,109 +74,6 @@ def main() -> None:
     """Train early-exit CNNs with Entropy-Regularized Distillation (ERDE)."""
 
 
-def load_train_val(path: Path, input_size, val_fraction: float, limit: Optional[int]) -> Tuple[Dataset, Dataset]:
-    train_ds, val_ds = train_val_split(load_split(path, "train", input_size), val_fraction)
-    if limit is not None:
-        train_ds = train_ds.subset(slice(0, limit))
-    return train_ds, val_ds
-
-
-def _check_out(out: Path, resume: bool, force: bool, train_args: Dict[str, Any]):
-    """Decide where the run starts; refuse to clobber a checkpoint by accident."""
-    if out.suffix != ".pt":
-        raise ErdeError(f"{out}: the checkpoint name must end in .pt")
-    if not out.parent.is_dir():
-        raise ErdeError(f"{out.parent}: output folder does not exist; create it first")
-    try:
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError:
-        raise ErdeError(f"{out.parent}: output folder is not writable") from None
-    if not out.exists():
-        return None
-    if resume:
-        ckpt = read_checkpoint(out)
-        old = ckpt.get("train_args", {})
-        changed = [k for k in _RESUME_KEYS if old.get(k) != train_args.get(k)]
-        if changed:
-            raise ErdeError(f"{out}: cannot resume: {', '.join(changed)} differ from the run that wrote it; "
-                            "use the same options, or --force to start over")
-        if ckpt.get("progress", {}).get("finished"):
-            raise ErdeError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
-        return ckpt
-    if not force:
-        raise ErdeError(f"{out}: already exists; pass --resume to continue it or --force to overwrite it")
-    return None
-
-
-def _run(kind: str, arch: str, data_path: Path, out: Path, train_args: Dict[str, Any], tcfg: TrainConfig,
-         lcfg: LossConfig, teacher_path: Optional[Path], limit: Optional[int], val_fraction: float,
-         resume: bool, force: bool, threads: Optional[int], quiet: bool, dist=None,
-         dev: DeviceConfig = DeviceConfig(), sync_bn: bool = False) -> None:
-    """One training run; with ``dist`` (a torchrun job) every rank calls it with the same arguments."""
-    if threads:
-        torch.set_num_threads(threads)
-    elif dist:
-        torch.set_num_threads(distributed.threads_per_process())
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    log = (lambda msg: click.echo(msg, err=True)) if rank == 0 else (lambda msg: None)
-    # Rank 0 alone looks at --out; an error on any rank below stops every rank, and rank 0 reports it.
-    previous = distributed.on_rank0(dist, lambda: _check_out(out, resume, force, train_args))
-    # Local rank 0 decodes the images first and fills the cache; the others then read it.
-    train_ds, val_ds = distributed.local_rank0_first(
-        dist, lambda: load_train_val(data_path, (32, 32), val_fraction, limit))
-    with distributed.agreed(dist):
-        teacher = t_ckpt = None
-        if teacher_path is not None:
-            t_ckpt = read_checkpoint(teacher_path)
-        num_classes = len(train_ds.class_names)
-        cfg = model_config(arch, num_classes, train_args.get("exits"))
-        if t_ckpt is not None:
-            _check_teacher(teacher_path, t_ckpt, cfg, train_ds)
-            teacher, _ = load_model(teacher_path, t_ckpt)
-            mean, std = tuple(t_ckpt["preprocessing"]["mean"]), tuple(t_ckpt["preprocessing"]["std"])
-        else:
-            mean, std = channel_stats(train_ds)
-        steps_per_epoch(len(train_ds), tcfg, world)  # refuses more processes than the data has batches
-        lcfg.weights(cfg.num_exits)  # refuses --exit-weights of the wrong length here, on every rank
-        torch.manual_seed(tcfg.seed)  # weight initialisation
-        model = build_model(cfg)
-        start_epoch, opt_state, scaler_state, history = 0, None, None, []
-        if previous is not None:
-            if previous.get("progress", {}).get("world_size", 1) != world:
-                raise ErdeError(f"{out}: written by {previous['progress'].get('world_size', 1)} process(es), "
-                                f"resumed with {world}; resume with the same number of processes "
-                                "(torchrun --nproc_per_node/--nnodes), or --force to start over")
-            model, _ = load_model(out, previous)
-            start_epoch = previous["progress"]["epoch"]
-            opt_state = previous["training_state"].get("optimizer")
-            scaler_state = previous["training_state"].get("grad_scaler")
-            history = list(previous.get("metrics", {}).get("history", []))
-            log(f"resuming {out} after epoch {start_epoch}/{tcfg.epochs}")
-    tx, ty = to_tensor(train_ds)
-    vx, vy = to_tensor(val_ds)
-    data = TrainData(tx, ty, vx, vy, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32),
-                     flip=train_ds.flip)
-    macs = exit_macs(model)
-    log(f"{kind} {arch}: {len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, "
-        f"{cfg.num_exits} exits, MACs to each exit {list(macs.cumulative)}")
-    preprocessing = {"input_size": list(cfg.input_size), "mean": list(mean), "std": list(std),
-                     "channel_order": "RGB", "resize": "stretch"}
-    info = RunInfo(kind, list(train_ds.class_names), preprocessing, train_args, str(out), rank, world, history)
-    if world > 1 or dev.device.type != "cpu" or dev.amp != "off":
-        log(f"{world} process(es) on {dev.device.type}, amp {dev.amp}, per-process batch {tcfg.batch_size}, "
-            f"global batch {tcfg.batch_size * world}, peak lr {tcfg.lr * tcfg.batch_size * world / 128:g}")
-    model = dev.place_model(model)
-    if teacher is not None:
-        teacher = dev.place_model(teacher)
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same keys in the checkpoint
-    ddp_model = dist.wrap(model) if dist else None
-    train(model, data, tcfg, lcfg, info, teacher, start_epoch, opt_state, log, progress=not quiet,
-          ddp_model=ddp_model, reduce_metrics=dist.all_reduce_sum if dist else None, dev=dev,
-          sync_buffers=dist.sync_buffers if dist else None, scaler_state=scaler_state)
-    log(f"wrote {out}")
-
-
 def _device_config(device: str, amp: str, sync_bn: bool) -> DeviceConfig:
     """Check --device, --amp and --sync-bn against this machine (before any process group exists)."""
     env = distributed.torchrun_env()
@@ -190,26 +85,6 @@ def _device_config(device: str, amp: str, sync_bn: bool) -> DeviceConfig:
         raise ErdeError("--amp bf16 is refused on the CPU: CPUs without bfloat16 units run it many times slower "
                         "than float32; use --amp off on the CPU (mixed precision is for CUDA GPUs)")
     return DeviceConfig(dev, amp, channels_last=dev.type == "cuda")
-
-
-def _check_teacher(path: Path, ckpt: Dict[str, Any], cfg, train_ds: Dataset) -> None:
-    t_cfg = ckpt["model_args"]
-    problems = []
-    if len(t_cfg.get("exit_after", ())) + 1 != cfg.num_exits:
-        problems.append(f"the teacher has {len(t_cfg.get('exit_after', ())) + 1} exits, the student {cfg.num_exits}")
-    if list(ckpt["class_names"]) != list(train_ds.class_names):
-        problems.append("its classes differ from the dataset's")
-    if tuple(t_cfg.get("input_size", ())) != tuple(cfg.input_size):
-        problems.append(f"its input size {t_cfg.get('input_size')} differs from {list(cfg.input_size)}")
-    if problems:
-        raise CheckpointError(f"{path}: teacher does not match the student: {'; '.join(problems)}")
-
-
-def _train_args(kind: str, arch: str, exits: Optional[str], data_path: Path, limit, val_fraction, tcfg, lcfg,
-                teacher) -> Dict[str, Any]:
-    return {"kind": kind, "arch": arch, "exits": list(parse_exits(exits)) if exits else None, "data": str(Path(data_path).resolve()), "limit": limit,
-            "val_fraction": val_fraction, "train": train_config_dict(tcfg), "loss": lcfg.to_dict(),
-            "teacher": str(Path(teacher).resolve()) if teacher else None}
 
 
 @main.command()
@@ -227,11 +102,16 @@ def teacher(arch, data_path, out, exits, epochs, batch_size, lr, weight_decay, c
     with distributed.same_on_every_rank():
         tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
         lcfg = LossConfig("ce", label_smoothing=label_smoothing)
-        args = _train_args("teacher", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, None)
-        dev = _device_config(device, amp, sync_bn)
-    with distributed.joined(dev.device, dist_timeout, dist) as dist:
-        _run("teacher", arch, data_path, out, args, tcfg, lcfg, None, limit, val_fraction, resume, force, threads,
-             quiet, dist, dev, sync_bn)
+        spec = _spec("teacher", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, None)
+        opts = RunOptions(out, resume, force, threads, quiet, _device_config(device, amp, sync_bn), sync_bn)
+    with distributed.joined(opts.dev.device, dist_timeout, dist) as dist:
+        run(spec, opts, dist)
+
+
+def _spec(kind: str, arch: str, exits: Optional[str], data_path: Path, limit, val_fraction, tcfg, lcfg,
+          teacher) -> RunSpec:
+    return RunSpec(kind, arch, parse_exits(exits) if exits else None, str(Path(data_path).resolve()), limit,
+                   val_fraction, tcfg, lcfg, str(Path(teacher).resolve()) if teacher else None)
 
 
 def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
@@ -263,12 +143,11 @@ def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, da
     with distributed.same_on_every_rank():
         tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
         lcfg = LossConfig(loss, alpha, beta, temperature, _parse_weights(exit_weights), label_smoothing)
-        args = _train_args("student", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
-        dev = _device_config(device, amp, sync_bn)
+        spec = _spec("student", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
+        opts = RunOptions(out, resume, force, threads, quiet, _device_config(device, amp, sync_bn), sync_bn)
     # The ce student needs no teacher outputs, but still checks that the teacher matches.
-    with distributed.joined(dev.device, dist_timeout, dist) as dist:
-        _run("student", arch, data_path, out, args, tcfg, lcfg, teacher_path, limit, val_fraction, resume, force,
-             threads, quiet, dist, dev, sync_bn)
+    with distributed.joined(opts.dev.device, dist_timeout, dist) as dist:
+        run(spec, opts, dist)
 
 
 def _parse_thresholds(text: Optional[str], criterion: str) -> Tuple[float, ...]:

@@ -28,7 +28,7 @@ import math
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -165,45 +165,53 @@ def revive_heads(model: EarlyExitResNet, exits: List[int]) -> None:
             bn.bias.zero_()
 
 
-def train(
-    model: EarlyExitResNet,
-    data: TrainData,
-    cfg: TrainConfig,
-    loss_cfg: LossConfig,
-    info: RunInfo,
-    teacher: Optional[EarlyExitResNet] = None,
-    start_epoch: int = 0,
-    optimizer_state: Optional[Dict[str, Any]] = None,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-    ddp_model: Optional[nn.Module] = None,
-    reduce_metrics: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    dev: DeviceConfig = DeviceConfig(),
-    sync_buffers: Optional[Callable[[nn.Module], None]] = None,
-    scaler_state: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Train ``model`` from ``start_epoch`` to ``cfg.epochs``, writing ``info.out`` after each epoch.
+@dataclass
+class Hooks:
+    """Logging, and under torchrun the distributed entry point's hooks (all None in one process).
 
-    ``model`` and ``teacher`` must already be on ``dev.device`` (``dev.place_model``). ``ddp_model``
-    (a DistributedDataParallel wrapper of ``model``), ``reduce_metrics`` (a sum over ranks) and
-    ``sync_buffers`` (rank 0's buffers to every rank) are given by the distributed entry point;
-    otherwise all three are None.
+    ``ddp_model``: a DistributedDataParallel wrapper of the model; ``reduce_metrics``: a sum over
+    ranks; ``sync_buffers``: rank 0's buffers to every rank.
+    """
+
+    log: Callable[[str], None] = print
+    progress: bool = True
+    ddp_model: Optional[nn.Module] = None
+    reduce_metrics: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    sync_buffers: Optional[Callable[[nn.Module], None]] = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed run continues: the epochs done and the optimizer (and grad scaler) state."""
+
+    start_epoch: int = 0
+    optimizer_state: Optional[Dict[str, Any]] = None
+    scaler_state: Optional[Dict[str, Any]] = None
+
+
+def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: LossConfig, info: RunInfo,
+          teacher: Optional[EarlyExitResNet] = None, resume: Resume = Resume(), hooks: Hooks = Hooks(),
+          dev: DeviceConfig = DeviceConfig()) -> Dict[str, Any]:
+    """Train ``model`` from ``resume.start_epoch`` to ``cfg.epochs``, writing ``info.out`` after each epoch.
+
+    ``model`` and ``teacher`` must already be on ``dev.device`` (``dev.place_model``).
     """
     from tqdm import tqdm
 
-    net = ddp_model or model
+    log, reduce_metrics, sync_buffers = hooks.log, hooks.reduce_metrics, hooks.sync_buffers
+    net = hooks.ddp_model or model
     opt = make_optimizer(model, cfg)
-    if optimizer_state:
-        opt.load_state_dict(optimizer_state)
+    if resume.optimizer_state:
+        opt.load_state_dict(resume.optimizer_state)
     scaler = torch.amp.GradScaler(dev.device.type, enabled=dev.amp == "fp16")
-    if scaler_state and scaler.is_enabled():
-        scaler.load_state_dict(scaler_state)
+    if resume.scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(resume.scaler_state)
     if teacher is not None:
         teacher.eval()
     steps = steps_per_epoch(len(data.train_y), cfg, info.world_size)
     total = steps * cfg.epochs
     metrics: Dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(resume.start_epoch, cfg.epochs):
         t0 = time.time()
         torch.manual_seed(cfg.seed * 100003 + epoch * 7919 + info.rank)  # dropout
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order and augmentation
@@ -213,7 +221,7 @@ def train(
         it = batches(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, gen,
                      train=True, flip=data.flip, rank=info.rank, world_size=info.world_size)
         bar = tqdm(it, total=steps, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=True if not progress or info.rank != 0 else None,  # None: only on a terminal
+                   disable=True if not hooks.progress or info.rank != 0 else None,  # None: only on a terminal
                    leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
@@ -315,7 +323,3 @@ def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: 
     if reduce_metrics is not None:
         counts = reduce_metrics(counts)
     return [round(float(c / counts[-1]), 6) for c in counts[:-1]]
-
-
-def train_config_dict(cfg: TrainConfig) -> Dict[str, Any]:
-    return asdict(cfg)

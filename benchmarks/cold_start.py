@@ -94,6 +94,7 @@ def cold_start(model_dir: Path, image: Path, threads: Optional[int], runs: int, 
         times.append(float(res["ms"]))
         if res["maxrss"] is not None:
             rss.append(_rss_mb(res["maxrss"]))
-    return ColdStart(shlex.join(cmd), tuple(times), max(rss) if rss else None)
+    shown = ["erde-run"] + cmd[1:] if Path(cmd[0]).name.startswith("erde-run") else cmd  # no venv path in records
+    return ColdStart(shlex.join(shown), tuple(times), max(rss) if rss else None)
 
 

@@ -1,11 +1,14 @@
-"""Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from the CIFAR-10 study.
+"""Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from an exported student.
 
-    python scripts/bundle_model.py --data ../shared/datasets/cifar10
+    python scripts/bundle_model.py --data ../shared/datasets/cifar10 --source runs/student_onnx
 
-Takes the ERDE student the study exported (``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``; run the study first),
-calibrates its threshold on the validation split (``erde-calibrate``: fewest MACs within
-``--max-drop`` points of the final exit), records its test accuracy and MACs at that threshold in
-the manifest, and replaces the bundled folder atomically. Also draws the sample images in
+Takes an exported model folder (default: the ERDE student of the CIFAR-10 study,
+``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``), measures its latency profile on this machine at
+``--profile-threads`` (``erde-profile``, one fresh process per thread count: run it on a quiet
+machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
+latency at ``--calibrate-threads`` within ``--max-drop`` points of the final exit), records its test
+accuracy, MACs and expected latency at that threshold in the manifest, and replaces the bundled
+folder atomically. Also draws the sample images in
 ``runtime/samples`` (our own drawings, free to redistribute), so ``erde-run --image`` has
 something to classify right after ``pip install``.
 """
@@ -54,34 +57,66 @@ def draw_samples(folder: Path) -> None:
 
 
 def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
-    from cifar10_study import load_test_split, test_split_exit_probs
+    """Test-split accuracy per exit and at the threshold, its MACs and (with a profile) its expected latency."""
+    from erde.runtime.calibrate import validation_probs
+    from erde.runtime.datasets import image_folder_split
+    from erde.runtime.engine import Engine
+    from erde.runtime.profile import ProfileError, find_profile
 
-    images, labels, _ = load_test_split(data)
-    probs = test_split_exit_probs(model_dir, images, threads)
-    m = load_manifest(model_dir)
+    test = image_folder_split(data, "test")
+    engine = Engine.load(model_dir, threads=threads)
+    m = engine.manifest
+    if tuple(test.class_names) != tuple(m.class_names):
+        raise ErdeError(f"{data}/test: classes {list(test.class_names)} differ from the model's")
+    probs = validation_probs(engine, test.files)
+    labels = test.labels
     (p,) = sweep(probs, labels, [s.cumulative_macs for s in m.segments], m.full_macs, criterion, [threshold])
     out = {f"test_accuracy_exit_{k + 1}": float((e.argmax(1) == labels).mean()) for k, e in enumerate(probs)}
     out.update({"test_accuracy_calibrated": p.accuracy, "test_mean_macs_calibrated": p.mean_macs,
                 "test_macs_fraction_calibrated": p.macs_fraction, "test_images": float(len(labels))})
+    try:
+        prof = find_profile(model_dir, m, threads)
+    except ProfileError:
+        return out
+    out.update({"test_expected_ms_calibrated": prof.expected_ms(p.exit_shares), "test_full_onnx_ms": prof.full_ms})
     return out
+
+
+def measure_profiles(folder: Path, threads: Sequence[int]) -> None:
+    """erde-profile in a fresh process per thread count (one process holds one onnxruntime pool size)."""
+    import subprocess
+
+    for t in threads:
+        r = subprocess.run([sys.executable, "-m", "erde.runtime.profile_cli", str(folder), "--threads", str(t)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ErdeError(f"erde-profile {folder} --threads {t} failed: {r.stderr.strip()}")
+        print(r.stdout.strip())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = Parser(prog="python scripts/bundle_model.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
-    ap.add_argument("--study", type=Path, default=cache_dir() / "study" / "cifar10-cpu", help="the study's work folder")
+    ap.add_argument("--source", type=Path, default=cache_dir() / "study" / "cifar10-cpu" / "erde_onnx",
+                    help="the exported model folder to bundle (default: the study's ERDE student)")
     ap.add_argument("--max-drop", type=finite_number, default=0.5, help="accuracy drop allowed, in points")
-    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--profile-threads", default="1,2", help="thread counts to measure latency profiles at")
+    ap.add_argument("--calibrate-threads", type=positive_int, default=1,
+                    help="the thread count whose profile calibration minimises (default 1)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return run_cli(lambda: bundle(ap.parse_args(argv)), argv)
 
 
 def bundle(args) -> int:
-    """Calibrate the study's ERDE student, add its test metrics and install it as the bundled model."""
-    source = args.study / "erde_onnx"
+    """Profile and calibrate an exported student, add its test metrics and install it as the bundled model."""
+    source = args.source
     if not (source / "manifest.json").exists():
-        raise ErdeError(f"{source}: no exported ERDE student; run the study first "
-                        "(python scripts/cifar10_study.py --data PATH)")
+        raise ErdeError(f"{source}: no exported model folder; export a student (erde-export) or run the study "
+                        "first (python scripts/cifar10_study.py --data PATH)")
+    try:
+        profile_threads = [int(t) for t in args.profile_threads.split(",")]
+    except ValueError:
+        raise ErdeError(f"--profile-threads {args.profile_threads!r}: expected thread counts, e.g. 1,2") from None
     if args.data is None:
         raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
     draw_samples(SAMPLES)
@@ -89,14 +124,15 @@ def bundle(args) -> int:
 
     def build(tmp: Path):
         shutil.copytree(source, tmp, dirs_exist_ok=True)
+        measure_profiles(tmp, profile_threads)
         result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
-                           threads=args.threads)
+                           threads=args.calibrate_threads)
         if not result.choice.met:
             raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
         m = load_manifest(tmp)
         cal = m.calibration
         metrics = dict(m.metrics)
-        metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.threads))
+        metrics.update(test_split_metrics(tmp, Path(args.data), cal.criterion, cal.threshold, args.calibrate_threads))
         save_manifest(tmp, replace(m, metrics=metrics, default_criterion=cal.criterion,
                                    default_threshold=cal.threshold))
         return cal, metrics
@@ -104,7 +140,9 @@ def bundle(args) -> int:
     cal, metrics = build_folder(BUNDLED, True, MANIFEST_NAME, build, protect=[source], tool="the bundle builder")
     print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
           f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
-          f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs")
+          f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs"
+          + (f", expected {metrics['test_expected_ms_calibrated']:.3f} ms against {metrics['test_full_onnx_ms']:.3f} ms "
+             "for full.onnx" if "test_expected_ms_calibrated" in metrics else ""))
     return 0
 
 

@@ -28,42 +28,36 @@ from typing import Dict, List
 
 import numpy as np
 
+from erde.export.exporter import export_checkpoint, sha256_file
+from erde.runtime import calibrate as cal
+from erde.runtime import machine
+from erde.runtime.datasets import image_folder_split
+from erde.runtime.engine import Engine
+from erde.runtime.files import write_atomic
+from erde.runtime.manifest import load_manifest
+from erde.runtime.profile import ProfileError, find_profile, measure, save_profile
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _erde():  # imported late so that --help works without the package
-    from erde.export.exporter import export_checkpoint
-    from erde.runtime import calibrate as cal, machine
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.engine import Engine
-    from erde.runtime.files import write_atomic
-    from erde.runtime.manifest import load_manifest
-    from erde.runtime.profile import find_profile, measure, save_profile, ProfileError
-    from erde.training.checkpoint import read_checkpoint
-    return locals()
-
-
 def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> Dict:
-    e = _erde()
     folder = work / (ckpt.stem + "_onnx")
     sha = None
     if (folder / "manifest.json").exists():
-        sha = e["load_manifest"](folder).source.get("checkpoint_sha256")
-    from erde.export.exporter import sha256_file
-
+        sha = load_manifest(folder).source.get("checkpoint_sha256")
     if sha != sha256_file(ckpt):
-        e["export_checkpoint"](ckpt, folder, force=True)
-    engine = e["Engine"].load(folder, threads=threads)
+        export_checkpoint(ckpt, folder, force=True)
+    engine = Engine.load(folder, threads=threads)
     m = engine.manifest
     try:
-        prof = e["find_profile"](folder, m, threads)
-    except e["ProfileError"]:
-        prof = e["measure"](engine, calls=calls)
-        e["save_profile"](folder, prof)
-    vd = e["cal"].validation_files(data, m.class_names, e["cal"].default_val_fraction(m))
-    val = e["cal"].validation_probs(engine, vd.files)
-    test_folder = e["image_folder_split"](data, "test")
-    test = e["cal"].validation_probs(engine, test_folder.files)
+        prof = find_profile(folder, m, threads)
+    except ProfileError:
+        prof = measure(engine, calls=calls)
+        save_profile(folder, prof)
+    vd = cal.validation_files(data, m.class_names, cal.default_val_fraction(m))
+    val = cal.validation_probs(engine, vd.files)
+    test_folder = image_folder_split(data, "test")
+    test = cal.validation_probs(engine, test_folder.files)
     cum = [s.cumulative_macs for s in m.segments]
     out = {"name": ckpt.stem, "arch": m.model_name, "exits": len(cum), "cumulative_macs": cum,
            "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms), "cumulative_ms": list(prof.cumulative_ms),
@@ -71,7 +65,7 @@ def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> D
            "profile": prof.machine.describe(), "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO)
                                                             else folder.name)}
     for split, probs, labels in (("val", val, vd.labels), ("test", test, test_folder.labels)):
-        rows = e["cal"].threshold_table(probs, labels, cum, m.full_macs, "max-prob")
+        rows = cal.threshold_table(probs, labels, cum, m.full_macs, "max-prob")
         out[split] = {"exit_accuracy": [float((p.argmax(1) == labels).mean()) for p in probs],
                       "curve": [{"threshold": r.threshold, "accuracy": r.accuracy, "mean_macs": r.mean_macs,
                                  "expected_ms": prof.expected_ms(r.exit_shares), "exit_shares": list(r.exit_shares)}
@@ -113,7 +107,7 @@ def curves_csv(cands: List[Dict]) -> str:
     return buf.getvalue()
 
 
-def plot(cands: List[Dict], path: Path, write_atomic) -> bool:
+def plot(cands: List[Dict], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -184,19 +178,18 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
     args = ap.parse_args(argv)
-    e = _erde()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     cands = [candidate(c, args.work, args.data, args.threads, args.calls) for c in args.checkpoints]
     choice = choose(cands)
     cmd = "python scripts/choose_student.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    e["write_atomic"](args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
+    write_atomic(args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
         {k: v for k, v in c.items() if k not in ("val", "test")} | {"val_exit_accuracy": c["val"]["exit_accuracy"],
                                                                      "test_exit_accuracy": c["test"]["exit_accuracy"]}
         for c in cands]}, indent=2) + "\n")
-    e["write_atomic"](args.out / "curves.csv", curves_csv(cands))
-    plot(cands, args.out / "plot.png", e["write_atomic"])
-    e["write_atomic"](args.out / "README.md", readme(cands, choice, e["machine"].describe(), args.threads, cmd))
+    write_atomic(args.out / "curves.csv", curves_csv(cands))
+    plot(cands, args.out / "plot.png")
+    write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd))
     print(f"chosen: {choice['chosen']} ({json.dumps(choice['scores'])}); wrote {args.out}")
     return 0
 

@@ -23,12 +23,12 @@ def test_samples_are_drawn(tmp_path):
 
 
 def test_needs_the_study_first(tmp_path, capsys):
-    assert bundle_model.main(["--study", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert bundle_model.main(["--source", str(tmp_path), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and "run the study first" in err
-    assert bundle_model.main(["--threads", "0"]) == 2
+    assert bundle_model.main(["--calibrate-threads", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("Error: argument --threads") and len(err.splitlines()) == 1
+    assert err.startswith("Error: argument --calibrate-threads") and len(err.splitlines()) == 1
 
 
 

@@ -100,17 +100,12 @@ def summarize(s: Series, cum_macs: Sequence[int], full_macs: int) -> Row:
 
 def find_images(folder: Union[str, Path]) -> List[Path]:
     """Image files under ``folder`` (recursively), hidden ones skipped, sorted by path."""
-    from erde.runtime.preprocess import IMAGE_EXTENSIONS
+    from erde.runtime.preprocess import list_images
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ErdeError(f"{folder}: {'no such folder' if not folder.exists() else 'not a folder'}; "
-                        "pass --images DIR, a folder of images")
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    if not found:
-        raise ErdeError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder or below")
-    return found
+    try:
+        return list_images(folder, recursive=True)
+    except ErdeError as e:
+        raise ErdeError(f"{e}; pass --images DIR, a folder of images") from None
 
 
 def load_inputs(files: Sequence[Path], pre, max_images: int) -> Tuple[np.ndarray, List[Path], List[str]]:

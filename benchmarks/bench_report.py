@@ -232,9 +232,14 @@ def plot_png(rows: Sequence[Row], title: str, full_macs: int) -> bytes:
         ax2.set_ylabel(f"images/s at batch {many[0].batch}")
         ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return figure_png(fig)
+
+
+def figure_png(fig, dpi: int = 120) -> bytes:
+    """A matplotlib figure as PNG bytes (then written atomically by the caller); closes the figure."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
-
-

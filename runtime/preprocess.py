@@ -181,21 +181,24 @@ def preprocess(images: Sequence[ImageInput], pre: Preprocessing) -> np.ndarray:
     return np.stack([preprocess_one(im, pre) for im in images])
 
 
-def list_images(folder: Union[str, "os.PathLike[str]"]) -> List[Path]:
-    """Image files directly in ``folder`` (by extension, any case), sorted by name.
+def list_images(folder: Union[str, "os.PathLike[str]"], recursive: bool = False) -> List[Path]:
+    """Image files in ``folder`` (by extension, any case; below it too with ``recursive``), sorted by path.
 
-    Hidden files (name starting with ".", e.g. macOS "._x.jpg") are skipped.
+    Hidden files and folders (name starting with ".", e.g. macOS "._x.jpg") are skipped. Entries that are
+    not folders are kept even if they are not regular files, so that reading them reports the problem.
     """
     folder = Path(folder)
     if not folder.is_dir():
         what = "no such folder" if not folder.exists() else "not a folder"
         raise ImageError(f"{folder}: {what}")
     try:
-        entries = list(folder.iterdir())
+        entries = list(folder.rglob("*") if recursive else folder.iterdir())
     except OSError as e:
         raise ImageError(f"{folder}: cannot list ({e.strerror or e})") from None
-    found = sorted((p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-                    and not p.is_dir()), key=lambda p: p.name)
+    found = sorted((p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                   key=lambda p: p.relative_to(folder).parts)
     if not found:
-        raise ImageError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
+        below = " or below" if recursive else ""
+        raise ImageError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder{below}")
     return found

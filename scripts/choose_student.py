@@ -33,6 +33,7 @@ from erde.runtime import calibrate as cal
 from erde.runtime import machine
 from erde.runtime.datasets import image_folder_split
 from erde.runtime.engine import Engine
+from erde.benchmarks.bench_report import figure_png
 from erde.runtime.files import write_atomic
 from erde.runtime.manifest import load_manifest
 from erde.runtime.profile import ProfileError, find_profile, measure, save_profile
@@ -130,10 +131,7 @@ def plot(cands: List[Dict], path: Path) -> bool:
     axes[0].set_title("Early exit (lines) vs static full.onnx (squares)")
     axes[0].legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, figure_png(fig, dpi=110))
     return True
 
 

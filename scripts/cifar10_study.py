@@ -212,16 +212,11 @@ def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], ca
 
 
 def load_test_split(data: Path) -> Tuple[List[Path], np.ndarray, List[str]]:
-    root = data / "test"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for k, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        images += files
-        labels += [k] * len(files)
-    if not images:
-        raise ErdeError(f"{root}: no test images; --data must be an image folder with train/ and test/")
-    return images, np.array(labels), classes
+    """The test split of an image folder: files, labels and class names (``datasets.image_folder_split``)."""
+    from erde.runtime.datasets import image_folder_split
+
+    test = image_folder_split(data, "test")
+    return list(test.files), test.labels, list(test.class_names)
 
 
 def git_commit() -> str:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from erde.benchmarks.bench_report import figure_png
 from erde.runtime.files import write_atomic
 
 POINTS_CSV = "points.csv"
@@ -288,10 +289,7 @@ def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
     axes[1].set_title("Students only (shade: seed range)")
     axes[1].legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, figure_png(fig, dpi=120))
     return True
 
 

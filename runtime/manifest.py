@@ -26,6 +26,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAC_CONVENTION = "multiply-accumulates of Conv and Linear/Gemm layers (1 multiply-add = 1 MAC)"
 RESIZE_RULES = ("stretch", "shorter-side-center-crop")
+PRECISIONS = ("fp32", "int8")
 
 Dim = Union[int, str]  # an int, or the name of a dynamic axis such as "batch"
 
@@ -55,6 +56,7 @@ class Segment:
     backbone_macs: int  # MACs of this segment's backbone part, per image
     head_macs: int  # MACs of this segment's exit head, per image
     cumulative_macs: int  # MACs spent by an image that leaves at this exit
+    precision: str = "fp32"  # "fp32", or "int8" (static QDQ quantization, erde-quantize)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class FullGraph:
     input_name: str
     probs_output: str
     macs: int
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class Manifest:
     mac_convention: str = MAC_CONVENTION
     metrics: Dict[str, float] = field(default_factory=dict)  # e.g. test accuracy per exit
     source: Dict[str, str] = field(default_factory=dict)  # checkpoint hash, package versions
+    quantization: Dict[str, Any] = field(default_factory=dict)  # settings of erde-quantize; {} for fp32
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -181,7 +185,10 @@ def _segment(d: Any, where: str, errors: List[str]) -> Optional[Segment]:
         backbone_macs=_typed(d, "backbone_macs", int, where, errors),
         head_macs=_typed(d, "head_macs", int, where, errors),
         cumulative_macs=_typed(d, "cumulative_macs", int, where, errors),
+        precision=_typed(d, "precision", str, where, errors, "fp32"),
     )
+    _check(seg["precision"] in PRECISIONS, f"{where}.precision: {seg['precision']!r} is not one of {PRECISIONS}",
+           errors)
     _check(bool(inputs), f"{where}.inputs: empty", errors)
     for key in ("backbone_macs", "head_macs", "cumulative_macs"):
         if seg[key] is not None:
@@ -244,7 +251,9 @@ def manifest_from_dict(d: Any) -> Manifest:
         if None not in vals.values():
             _check(_plain_file_name(vals["file"]), f"{w}.file: {vals['file']!r} must be a plain file name inside the model folder", errors)
             _check(vals["macs"] > 0, f"{w}.macs: must be positive", errors)
-            full = FullGraph(**vals)
+            prec = _typed(f, "precision", str, w, errors, "fp32")
+            _check(prec in PRECISIONS, f"{w}.precision: {prec!r} is not one of {PRECISIONS}", errors)
+            full = FullGraph(precision=prec, **vals)
     crit = _typed(d, "default_criterion", str, where, errors, "max-prob")
     _check(crit in CRITERIA, f"manifest.default_criterion: {crit!r} is not one of {CRITERIA}", errors)
     thr = _typed(d, "default_threshold", (int, float), where, errors, 0.9)
@@ -268,6 +277,7 @@ def manifest_from_dict(d: Any) -> Manifest:
     opset = _typed(d, "opset", int, where, errors, 17)
     metrics = _typed(d, "metrics", dict, where, errors, {})
     source = _typed(d, "source", dict, where, errors, {})
+    quantization = _typed(d, "quantization", dict, where, errors, {})
     if segments and all(segments):
         for i, s in enumerate(segments[:-1]):
             _check(s.feature_output is not None, f"manifest.segments[{i}]: only the last segment may lack feature_output", errors)
@@ -286,7 +296,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         model_name=model_name, class_names=list(class_names), preprocessing=pre, segments=segments, full=full,
         default_criterion=crit, default_threshold=float(thr), calibration=cal, opset=opset,
         mac_convention=d.get("mac_convention", MAC_CONVENTION), metrics=dict(metrics), source=dict(source),
-        schema_version=version,
+        quantization=dict(quantization or {}), schema_version=version,
     )
 
 

@@ -22,6 +22,7 @@ SCRIPTS = {
     "erde-train": "erde.training",
     "erde-export": "erde.export.cli",
     "erde-profile": "erde.runtime.profile_cli",
+    "erde-quantize": "erde.export.quantize",
 }
 
 
@@ -67,6 +68,7 @@ def test_every_command_gives_one_line_for_a_bad_option(script):
     ("erde-train", ["teacher", "--data", "missing-data", "--out", "t.pt"]),
     ("erde-export", ["missing.pt"]),
     ("erde-profile", ["missing-folder"]),
+    ("erde-quantize", ["missing-folder", "--data", "missing-data", "--out", "q"]),
 ])
 def test_every_command_gives_one_line_for_a_failing_input(script, args, tmp_path):
     one_error_line(run(script, *[str(tmp_path / a) if "missing" in a else a for a in args]))

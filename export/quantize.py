@@ -1,0 +1,181 @@
+"""erde-quantize: static INT8 versions of a model folder's graphs, calibrated on the validation split.
+
+    erde-quantize MODEL_DIR --data PATH --out DIR [--images 200]
+
+Each segment (and full.onnx) is quantized with onnxruntime's static quantization: QDQ format,
+per-channel int8 weights, uint8 activations, MinMax ranges. The calibration images are a seeded,
+evenly spread sample of the validation split carved from the training data (never the test
+split). Segment k is calibrated on the feature maps that the fp32 segments before it produce
+from those images, so the features crossing a boundary get the same range on both sides (the
+output of segment k and the input of segment k+1 see the same tensors).
+
+The output folder is a model folder like any other: the runtime runs it unchanged. Its manifest
+records each graph's precision and the quantization settings; the fp32 calibration is dropped,
+because quantization moves the confidences: run ``erde-calibrate`` on the new folder. Needs onnx
+and onnxruntime, not torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from erde.runtime.calibrate import default_val_fraction, validation_files
+from erde.runtime.cliargs import Parser, positive_int, run_cli
+from erde.runtime.engine import Engine
+from erde.runtime.errors import ErdeError
+from erde.runtime.files import build_folder, check_replaceable
+from erde.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, save_manifest
+from erde.runtime.preprocess import load_image, preprocess_one
+
+DEFAULT_IMAGES = 200
+#: The layers that carry the MACs. Softmax stays fp32: uint8 probabilities would tie near the threshold.
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+
+
+class QuantizeError(ErdeError):
+    """The model folder or the calibration data cannot be quantized."""
+
+
+def calibration_images(data: Path, manifest: Manifest, count: int) -> np.ndarray:
+    """``count`` validation images spread evenly over the split, preprocessed as erde-run does."""
+    vd = validation_files(data, manifest.class_names, default_val_fraction(manifest))
+    if not vd.files:
+        raise QuantizeError(f"{data}: the validation split is empty; nothing to calibrate on")
+    pick = np.unique(np.linspace(0, len(vd.files) - 1, min(count, len(vd.files))).round().astype(int))
+    h, w = manifest.preprocessing.input_size
+    arrays = []
+    for i in pick:
+        path = vd.files[i]
+        with load_image(path) as img:
+            if img.size != (w, h):
+                raise QuantizeError(f"{path}: {img.size[0]}x{img.size[1]} pixels, the model takes {w}x{h}; "
+                                    "calibrate on the images the model was trained on")
+            arrays.append(preprocess_one(img, manifest.preprocessing))
+    return np.stack(arrays)
+
+
+def _segment_inputs(engine: Engine, x: np.ndarray) -> List[np.ndarray]:
+    """The input of every segment when the fp32 chain runs on ``x``."""
+    feeds, feed = [], x
+    for stage in engine._stages:
+        feeds.append(feed)
+        outputs = engine._run_stage(stage, feed)
+        feed = outputs[1] if len(outputs) > 1 else None
+    return feeds
+
+
+def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, batch: int = 16) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([x[i:i + batch] for i in range(0, len(x), batch)])
+
+        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+            b = next(self._batches, None)
+            return None if b is None else {input_name: b}
+
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing on every call
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAULT_IMAGES, force: bool = False,
+                    report: Callable[[str], None] = print) -> Manifest:
+    model_dir, out = Path(model_dir), Path(out)
+    manifest = load_manifest(model_dir)
+    if manifest.quantization or any(s.precision != "fp32" for s in manifest.segments):
+        raise QuantizeError(f"{model_dir}: already quantized ({manifest.quantization.get('method', 'int8')}); "
+                            "quantize the fp32 folder it came from")
+    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
+        raise QuantizeError(f"{out}: would overwrite the input model folder {model_dir}; choose another --out")
+    check_replaceable(out, force, MANIFEST_NAME, protect=[model_dir], tool="erde-quantize")
+    engine = Engine.load(model_dir)
+    x = calibration_images(data, manifest, images)
+    feeds = _segment_inputs(engine, x)
+    report(f"calibrating on {len(x)} validation images of {data}")
+
+    def build(tmp: Path) -> Manifest:
+        segments = []
+        for seg, feed in zip(manifest.segments, feeds):
+            _quantize_graph(model_dir / seg.file, tmp / seg.file, seg.inputs[0].name, feed)
+            segments.append(dataclasses.replace(seg, sha256=_sha256(tmp / seg.file), precision="int8"))
+        full = manifest.full
+        if full is not None:
+            _quantize_graph(model_dir / full.file, tmp / full.file, full.input_name, x)
+            full = dataclasses.replace(full, sha256=_sha256(tmp / full.file), precision="int8")
+        import onnxruntime
+
+        settings = {"method": "onnxruntime static quantization", "format": "QDQ", "weights": "int8, per channel",
+                    "activations": "uint8", "ranges": "MinMax", "ops": ", ".join(QUANTIZED_OPS), "calibration_images": len(x),
+                    "calibration_split": "validation", "onnxruntime": onnxruntime.__version__,
+                    "source_model": model_dir.name}
+        new = dataclasses.replace(manifest, segments=segments, full=full, calibration=None, quantization=settings,
+                                  metrics={})
+        save_manifest(tmp, new)
+        _check_agreement(engine, Engine.load(tmp), x, report)
+        return new
+
+    return build_folder(out, force, MANIFEST_NAME, build, protect=[model_dir], tool="erde-quantize")
+
+
+def _check_agreement(fp32: Engine, int8: Engine, x: np.ndarray, report: Callable[[str], None],
+                     margin: float = 0.1) -> None:
+    """Top-1 agreement of every int8 exit with fp32 on the calibration images where fp32 is decided
+    (top-2 probability margin >= ``margin``; a near tie may flip under any rounding)."""
+    a, b = fp32.exit_probs(x), int8.exit_probs(x)
+    for k in range(len(a)):
+        top2 = np.sort(a[k], axis=1)[:, -2:]
+        decided = (top2[:, 1] - top2[:, 0]) >= margin
+        same = a[k].argmax(1) == b[k].argmax(1)
+        agree = float(same[decided].mean()) if decided.any() else 1.0
+        diff = float(np.abs(a[k] - b[k]).max())
+        report(f"  {'✓' if agree >= 0.9 else '✗'} exit {k + 1}: int8 agrees with fp32 on {100 * agree:.1f}% of the "
+               f"{int(decided.sum())} calibration images fp32 is sure of (max |probability difference| {diff:.3f})")
+        if agree < 0.9:
+            raise QuantizeError(f"exit {k + 1}: the int8 graph agrees with fp32 on only {100 * agree:.1f}% of the "
+                                "calibration images; nothing was written")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="erde-quantize", description="Static INT8 (QDQ, per-channel) copy of a model folder, "
+                                                 "calibrated on the validation split.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="fp32 model folder written by erde-export")
+    p.add_argument("--data", required=True, metavar="PATH", help="the image folder the model was trained on")
+    p.add_argument("--out", required=True, metavar="DIR", help="the int8 model folder to write")
+    p.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, metavar="N",
+                   help=f"validation images to calibrate on (default {DEFAULT_IMAGES})")
+    p.add_argument("--force", action="store_true", help="replace --out if erde-quantize wrote it")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    m = quantize_folder(Path(args.model_dir), Path(args.data), Path(args.out), args.images, args.force)
+    print(f"wrote {args.out}/ ({m.model_name}, {m.num_exits} int8 segments"
+          + (" and int8 full.onnx" if m.full else "") + "); calibrate its threshold: "
+          f"erde-calibrate {args.out} --data {args.data}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(lambda: _run(build_parser().parse_args(argv)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

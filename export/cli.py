@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from erde.training.models import parse_exits
 from erde.training.cliutil import debug_option, friendly_errors, run_click
 
 from .exporter import default_out_dir, export_checkpoint
@@ -16,10 +17,13 @@ from .exporter import default_out_dir, export_checkpoint
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Model folder to write (default: <checkpoint name>_onnx beside the checkpoint).")
-@click.option("--force", is_flag=True, help="Replace an existing model folder.")
+@click.option("--force", is_flag=True, help="Replace a model folder erde-export wrote.")
+@click.option("--exits", default=None,
+              help="Keep only these trained early exits (block indices, comma-separated, e.g. 1): drop an exit "
+                   "that does not pay for its latency, without retraining.")
 @debug_option
 @friendly_errors
-def main(checkpoint: Path, out: Path, force: bool) -> None:
+def main(checkpoint: Path, out: Path, force: bool, exits: str) -> None:
     """Export an ERDE checkpoint to a model folder for the torch-free runtime.
 
     Every export checks each graph with onnx.checker, cross-checks the MACs
@@ -28,7 +32,8 @@ def main(checkpoint: Path, out: Path, force: bool) -> None:
     """
     out = out or default_out_dir(checkpoint)
     click.echo("parity with PyTorch, through the runtime (Engine.load):")
-    m = export_checkpoint(checkpoint, out, force, report=lambda line: click.echo("  " + line))
+    keep = parse_exits(exits) if exits else None
+    m = export_checkpoint(checkpoint, out, force, report=lambda line: click.echo("  " + line), exits=keep)
     click.echo(f"wrote {out}/ ({m.model_name}, {m.num_exits} exits, {len(m.class_names)} classes)")
     for s in m.segments:
         click.echo(f"  {s.file}: exit at {s.cumulative_macs:,} MACs ({s.cumulative_macs / m.full_macs:.0%} of full)")

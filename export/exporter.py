@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import onnx
 import torch
@@ -28,7 +28,7 @@ from erde.runtime.manifest import (
 )
 from erde.training.checkpoint import load_model, read_checkpoint
 from erde.training.macs import exit_macs
-from erde.training.models import EarlyExitResNet
+from erde.training.models import EarlyExitResNet, keep_exits
 
 from .onnx_macs import onnx_macs
 from .parity import check_parity
@@ -75,7 +75,8 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
-                      parity_batch: int = 32, report: Optional[Callable[[str], None]] = None) -> Manifest:
+                      parity_batch: int = 32, report: Optional[Callable[[str], None]] = None,
+                      exits: Optional[Tuple[int, ...]] = None) -> Manifest:
     """Export ``checkpoint`` into the model folder ``out``.
 
     With ``force`` an existing ``out`` is replaced only if erde-export wrote it
@@ -84,6 +85,8 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
     model, _ = load_model(checkpoint, ckpt)
+    if exits is not None:
+        model = keep_exits(model, tuple(exits))
     out = Path(out) if out is not None else default_out_dir(checkpoint)
     try:
         check_replaceable(out, force, MANIFEST_NAME, protect=[checkpoint], tool="erde-export")
@@ -139,8 +142,10 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
         problems.append(f"full.onnx: {counted} MACs in the ONNX graph vs {macs.full} from fvcore")
     if problems:
         raise ExportError(f"{checkpoint}: export failed {len(problems)} check(s): " + "; ".join(problems))
-    metrics = {f"val_accuracy_exit_{k + 1}": float(a)
-               for k, a in enumerate(ckpt.get("metrics", {}).get("val_exit_accuracy", []))}
+    trained = list(ckpt["model_args"].get("exit_after", []))
+    kept = [trained.index(b) for b in cfg.exit_after] + [len(trained)]  # exits left after --exits, and the last
+    accs = ckpt.get("metrics", {}).get("val_exit_accuracy", [])
+    metrics = {f"val_accuracy_exit_{k + 1}": float(accs[i]) for k, i in enumerate(kept) if i < len(accs)}
     manifest = Manifest(
         model_name=cfg.arch,
         class_names=list(ckpt["class_names"]),

@@ -86,9 +86,15 @@ def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, batch:
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing on every call
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS)
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS)
+    except RuntimeError as e:
+        if "global thread pool" not in str(e):
+            raise
+        raise QuantizeError("this process already runs models on onnxruntime's shared thread pool, which the "
+                            "quantizer's own sessions cannot join; quantize in a fresh process (erde-quantize)") from None
 
 
 def _sha256(path: Path) -> str:
@@ -105,7 +111,8 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise QuantizeError(f"{out}: would overwrite the input model folder {model_dir}; choose another --out")
     check_replaceable(out, force, MANIFEST_NAME, protect=[model_dir], tool="erde-quantize")
-    engine = Engine.load(model_dir)
+    # Per-session pools: onnxruntime's calibrator opens sessions of its own, which a global pool would refuse.
+    engine = Engine.load(model_dir, shared_pool=False)
     x = calibration_images(data, manifest, images)
     feeds = _segment_inputs(engine, x)
     report(f"calibrating on {len(x)} validation images of {data}")
@@ -128,7 +135,7 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
         new = dataclasses.replace(manifest, segments=segments, full=full, calibration=None, quantization=settings,
                                   metrics={})
         save_manifest(tmp, new)
-        _check_agreement(engine, Engine.load(tmp), x, report)
+        _check_agreement(engine, Engine.load(tmp, shared_pool=False), x, report)
         return new
 
     return build_folder(out, force, MANIFEST_NAME, build, protect=[model_dir], tool="erde-quantize")

@@ -8,6 +8,7 @@ import torch
 
 from erde.export import exporter
 from erde.export.exporter import ExportError, export_checkpoint, sha256_file
+from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import load_manifest
 from erde.training.checkpoint import CheckpointError, read_checkpoint
 
@@ -110,3 +111,15 @@ def test_bad_checkpoints(tiny_student, tmp_path):
     with pytest.raises(ExportError):
         export_checkpoint(tiny_student, blocker / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "v2.pt"]
+
+
+def test_an_exit_that_does_not_pay_can_be_dropped_at_export(tiny_student, tmp_path):
+    from erde.runtime.engine import Engine
+    from erde.training.checkpoint import read_checkpoint
+
+    trained = read_checkpoint(tiny_student)["model_args"]["exit_after"]
+    m = export_checkpoint(tiny_student, tmp_path / "m", exits=(trained[1],))
+    assert m.num_exits == 2 and Engine.load(tmp_path / "m", threads=1).num_exits == 2
+    assert m.metrics["val_accuracy_exit_1"] == read_checkpoint(tiny_student)["metrics"]["val_exit_accuracy"][1]
+    with pytest.raises(ErdeError, match="subset of the trained early exits"):
+        export_checkpoint(tiny_student, tmp_path / "n", exits=(99,))

@@ -171,6 +171,27 @@ class EarlyExitResNet(nn.Module):
         return logits
 
 
+def keep_exits(model: EarlyExitResNet, blocks: Tuple[int, ...]) -> EarlyExitResNet:
+    """The same network with only the early exits after ``blocks`` (a subset of the trained ones).
+
+    An exit that does not pay for its latency can be dropped at export without retraining: the
+    backbone and the kept heads keep their weights.
+    """
+    have = tuple(model.cfg.exit_after)
+    missing = [b for b in blocks if b not in have]
+    if missing or list(blocks) != sorted(set(blocks)):
+        raise ErdeError(f"exits {list(blocks)}: keep an increasing subset of the trained early exits {list(have)}")
+    cfg = replace(model.cfg, exit_after=tuple(blocks))
+    new = build_model(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    for j, b in enumerate(blocks):
+        i = have.index(b)
+        state.update({f"heads.{j}.{k[len(f'heads.{i}.'):]}": v for k, v in model.state_dict().items()
+                      if k.startswith(f"heads.{i}.")})
+    new.load_state_dict(state)
+    return new.eval() if not model.training else new
+
+
 # ---- registry: one small builder per variant -------------------------------------------------
 
 _REGISTRY: Dict[str, Callable[..., ModelConfig]] = {}

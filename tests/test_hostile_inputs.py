@@ -212,3 +212,25 @@ def test_memory_stays_flat_on_a_10000_image_folder_and_a_huge_batch(model, tmp_p
         assert peak < base + 40, (batch, base, peak)
     huge = _peak_rss_mb(["--model", model, "--folder", big, "--batch-size", "10000", "--json"])
     assert huge < base + 150, (base, huge)
+
+
+def test_kill_9_during_export_leaves_a_temp_folder_that_the_next_export_removes(tiny_student, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    cmd = console_command("erde-export", SCRIPTS["erde-export"]) + [str(tiny_student), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    temps = []
+    while time.time() < deadline and not temps and proc.poll() is None:
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".m.erde-tmp-")]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not temps:
+        pytest.fail("erde-export finished before it could be killed; no temporary folder was seen")
+    assert not out.exists() and any(p.exists() for p in temps)
+    r = run("erde-export", tiny_student, "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.is_dir() and [p.name for p in tmp_path.iterdir()] == ["m"]

@@ -19,6 +19,7 @@ DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
     "entropy": (0.5, 0.3, 0.2, 0.1, 0.05),
 }
 ENGINE, ENGINE_ALL, FULL, TORCH = "engine", "engine-all-segments", "full-onnx", "torch-eager"
+ENGINE_CMP, FULL_CMP = "compare-engine", "compare-full-onnx"  # --compare DIR: e.g. the int8 folder
 
 
 # ----------------------------------------------------------------------------------------------------------

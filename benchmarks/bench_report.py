@@ -17,7 +17,7 @@ import numpy as np
 
 from erde.runtime import machine
 
-from .bench_measure import ENGINE, ENGINE_ALL, FULL, TORCH, Row
+from .bench_measure import ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Row
 from .cold_start import ColdStart
 
 
@@ -97,6 +97,7 @@ class Report:
     torch_facts: Dict[str, str]
     skipped: List[str]
     ratios: Dict[str, Optional[float]]
+    compare: str = ""  # the --compare model folder, as given
 
 
 def key_ratios(rows: Sequence[Row], reference: float, full_macs: int, all_macs: int) -> Dict[str, Optional[float]]:
@@ -105,9 +106,11 @@ def key_ratios(rows: Sequence[Row], reference: float, full_macs: int, all_macs: 
     full = next((r for r in one if r.method == FULL), None)
     allseg = next((r for r in one if r.method == ENGINE_ALL), None)
     torch_ref = next((r for r in one if r.method == TORCH and r.threshold == reference), None)
+    cmp_engine = next((r for r in one if r.method == ENGINE_CMP), None)
+    cmp_full = next((r for r in one if r.method == FULL_CMP), None)
     out: Dict[str, Optional[float]] = dict.fromkeys(
         ("tracking_vs_full", "tracking_vs_all_segments", "overhead_all_segments_vs_full",
-         "overhead_all_segments_vs_full_p50", "speedup_vs_full",
+         "overhead_all_segments_vs_full_p50", "speedup_vs_full", "compare_engine_speedup", "compare_full_speedup",
          "speedup_vs_torch", "speedup_vs_all_segments"))
     if ref is not None and full is not None:
         out["tracking_vs_full"] = (ref.mean_ms / full.mean_ms) / (ref.mean_macs / full_macs)
@@ -120,6 +123,10 @@ def key_ratios(rows: Sequence[Row], reference: float, full_macs: int, all_macs: 
         out["overhead_all_segments_vs_full_p50"] = allseg.p50_ms / full.p50_ms  # robust to a few slow calls
     if ref is not None and torch_ref is not None:
         out["speedup_vs_torch"] = torch_ref.mean_ms / ref.mean_ms
+    if ref is not None and cmp_engine is not None:
+        out["compare_engine_speedup"] = ref.mean_ms / cmp_engine.mean_ms
+    if full is not None and cmp_full is not None:
+        out["compare_full_speedup"] = full.mean_ms / cmp_full.mean_ms
     return out
 
 
@@ -160,6 +167,13 @@ def summary_md(rep: Report) -> str:
     if ref is not None and full is not None and not math.isnan(ref.accuracy):
         L.append(f"- accuracy: {100 * ref.accuracy:.2f}% at this threshold, {100 * full.accuracy:.2f}% for full.onnx "
                  f"(the final exit): {100 * (full.accuracy - ref.accuracy):+.2f} points lost by leaving early")
+    cmp = next((r for r in rep.rows if r.batch == 1 and r.method == ENGINE_CMP), None)
+    if cmp is not None and rep.compare:
+        acc = "" if math.isnan(cmp.accuracy) or ref is None else \
+            f"; accuracy {100 * cmp.accuracy:.2f}% against {100 * ref.accuracy:.2f}%"
+        L.append(f"- compared model `{rep.compare}`: its engine at threshold {cmp.threshold:g} "
+                 f"({cmp.threshold_source}) is {_fmt_ratio(rr['compare_engine_speedup'], 'x')} as fast as this engine "
+                 f"at {t_ref:g}{acc}; its full.onnx is {_fmt_ratio(rr['compare_full_speedup'], 'x')} as fast as this one")
     if rep.cold is not None:
         L.append(f"- cold start (process start to first result of erde-run, median of {len(rep.cold.times_ms)}): "
                  f"{rep.cold.median_ms:.0f} ms; runs: {', '.join(f'{t:.0f}' for t in rep.cold.times_ms)} ms; "
@@ -216,6 +230,9 @@ def plot_png(rows: Sequence[Row], title: str, full_macs: int) -> bytes:
                     ax.annotate(f"{t:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if allseg is not None:
             ax.plot([x_of(allseg)], [y_of(allseg)], "x", ms=9, label="engine, all segments")
+        for method, marker in ((ENGINE_CMP, "D"), (FULL_CMP, "P")):
+            for r in (r for r in one if r.method == method):
+                ax.plot([x_of(r)], [y_of(r)], marker, ms=8, label=method)
         if full is not None:
             ax.plot([x_of(full)], [y_of(full)], "*", ms=12, label="full.onnx (static)")
         ax.set_xlabel(xlabel)

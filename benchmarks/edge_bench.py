@@ -42,8 +42,9 @@ from erde.runtime.errors import ErdeError
 from erde.runtime.files import check_replaceable, write_atomic
 from erde.runtime.manifest import CRITERIA
 
-from .bench_measure import (DEFAULT_THRESHOLDS, ENGINE, ENGINE_ALL, FULL, TORCH, Series, _batches, _timed,
-                            accuracies, engine_series, labels_of, find_images, load_inputs, summarize, torch_eager)
+from .bench_measure import (DEFAULT_THRESHOLDS, ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Series,
+                            _batches, _timed, accuracies, engine_series, find_images, labels_of, load_inputs,
+                            summarize, torch_eager)
 from .bench_report import Report, _fmt_ratio, key_ratios, machine_facts, plot_png, results_csv, summary_md
 from .cold_start import cold_start, peak_rss_mb
 
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocess at most N images, a seeded sample of the folder (default 512)")
     p.add_argument("--cold-starts", type=_int(0), default=5, metavar="N",
                    help="fresh erde-run processes timed for the cold start (default 5; 0 skips)")
+    p.add_argument("--compare", metavar="DIR", help="a second model folder of the same model (e.g. its int8 copy "
+                   "from erde-quantize), timed in the same rounds at its own calibrated threshold")
     p.add_argument("--checkpoint", metavar="FILE", help="the student checkpoint (.pt) the folder was exported "
                    "from, for the PyTorch eager loop (needs torch)")
     p.add_argument("--out", metavar="DIR", help="output folder: new, empty, or one erde-bench wrote (default "
@@ -189,6 +192,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
     else:
         skipped.append("full.onnx: the model folder has none (manifest 'full' is empty); the tracking and "
                        "overhead ratios against it are not available")
+    cmp_engine, cmp_t = None, None
+    if args.compare:
+        cmp_engine, cmp_t = _compare_series(args.compare, engine, criterion, reference, args, series)
     _say(out, f"batch 1: {len(series)} onnxruntime methods x {args.repeats} images (warm-up {args.warmup})")
     _timed(series, singles, args.warmup, args.repeats)
     rss_ort = peak_rss_mb()
@@ -245,8 +251,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
         skipped.append("accuracy: the images are not all in folders named after the model's classes")
     else:
         at, final = accuracies(engine, x, labels, criterion, [t for t, _ in ts])
-        rows = [replace(r, accuracy=final if r.threshold is None else at[r.threshold]) for r in rows]
-    order = {ENGINE: 0, TORCH: 1, ENGINE_ALL: 2, FULL: 3}
+        cmp_at, cmp_final = accuracies(cmp_engine, x, labels, criterion, [cmp_t]) if cmp_engine else ({}, None)
+        rows = [replace(r, accuracy=cmp_final if r.method == FULL_CMP else cmp_at[r.threshold]
+                        if r.method == ENGINE_CMP else final if r.threshold is None else at[r.threshold])
+                for r in rows]
+    order = {ENGINE: 0, TORCH: 1, ENGINE_ALL: 2, FULL: 3, ENGINE_CMP: 4, FULL_CMP: 5}
     rows.sort(key=lambda r: (r.batch, order[r.method], -1 if r.threshold is None else r.threshold))
     ratios = key_ratios(rows, reference[0], full_macs, cum[-1])
     settings = {"threads": str(args.threads) if args.threads else "library defaults",
@@ -259,7 +268,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
         command=" ".join(["erde-bench"] + [shlex.quote(a) for a in argv]), machine=machine_facts(args.threads, args.provider),
         model_dir=engine.folder, manifest=m, criterion=criterion, reference=reference,
         images=f"{len(used)} of {len(files)} files under {args.images}", settings=settings, rows=rows, cold=cold,
-        rss_ort_mb=rss_ort, rss_end_mb=peak_rss_mb(), torch_facts=torch_facts, skipped=skipped, ratios=ratios)
+        rss_ort_mb=rss_ort, rss_end_mb=peak_rss_mb(), torch_facts=torch_facts, skipped=skipped, ratios=ratios,
+        compare=args.compare or "")
 
     plot_note = None
     if args.no_plot:
@@ -289,6 +299,26 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
     _say(out, f"wrote {out_dir / 'results.csv'}, {out_dir / 'summary.md'}"
               + ("" if plot_note else f", {out_dir / 'plot.png'}"))
     return EXIT_OK
+
+
+def _compare_series(folder: str, engine, criterion: str, reference: Tuple[float, str], args,
+                    series: List[Series]):
+    """Add the --compare folder's engine (at its calibrated threshold) and full.onnx to ``series``."""
+    from erde.runtime.engine import Engine
+
+    other = Engine.load(folder, threads=args.threads, providers=[args.provider])
+    a, b = engine.manifest, other.manifest
+    if list(a.class_names) != list(b.class_names) or a.preprocessing != b.preprocessing:
+        raise ErdeError(f"{folder}: its classes or preprocessing differ from {engine.folder}; --compare takes a "
+                        "copy of the same model (e.g. erde-quantize's int8 folder)")
+    cal = b.calibration
+    t, source = ((float(cal.threshold), "calibrated") if cal is not None and cal.criterion == criterion
+                 else (reference[0], "not calibrated: the main model's threshold"))
+    series.append(Series(ENGINE_CMP, t, 1, lambda x: [p.exit_index for p in other.predict_array(x, t, criterion)],
+                         source))
+    if other.has_full:
+        series.append(Series(FULL_CMP, None, 1, lambda x: [-1] * len(other.run_full(x))))
+    return other, t
 
 
 def _available_providers() -> List[str]:

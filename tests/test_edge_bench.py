@@ -251,3 +251,27 @@ def test_module_level_imports_are_runtime_only():
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             top.append(node.module.split(".")[0])
     assert not {"torch", "matplotlib", "onnx", "click"} & set(top)
+
+
+def test_compare_times_a_second_folder_in_the_same_rounds(capsys, model, tmp_path):
+    import shutil
+
+    imgs = tmp_path / "labelled"
+    for i in range(8):
+        (imgs / f"class{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(12, 10, seed=i)).save(imgs / f"class{i % 4}" / f"{i}.png")
+    other = tmp_path / "copy"
+    shutil.copytree(model, other)
+    rc, out, err = run(capsys, model, "--images", imgs, "--out", tmp_path / "o", "--cold-starts", "0",
+                       "--compare", other, *FAST)
+    assert rc == 0, err
+    rows = read_csv(tmp_path / "o" / "results.csv")
+    methods = {r["method"] for r in rows if r["batch"] == "1"}
+    assert {"compare-engine", "compare-full-onnx"} <= methods
+    cmp = next(r for r in rows if r["method"] == "compare-engine")
+    assert cmp["threshold_source"] == "calibrated" and float(cmp["accuracy"]) >= 0
+    assert "compared model" in (tmp_path / "o" / "summary.md").read_text()
+    bad = make_model_folder(tmp_path / "bad", class_names=["a", "b", "c", "d"])
+    rc, out, err = run(capsys, model, "--images", imgs, "--out", tmp_path / "o2", "--cold-starts", "0",
+                       "--compare", bad, *FAST)
+    assert rc == 2 and "classes or preprocessing differ" in err

@@ -24,7 +24,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -36,18 +36,24 @@ from erde.runtime.engine import Engine
 from erde.benchmarks.bench_report import figure_png
 from erde.runtime.files import write_atomic
 from erde.runtime.manifest import load_manifest
+from erde.runtime.sessions import session_options
 from erde.runtime.profile import ProfileError, find_profile, measure, save_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> Dict:
-    folder = work / (ckpt.stem + "_onnx")
+def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Dict:
+    """``spec``: a checkpoint, or ``CHECKPOINT:I,J`` to export it with only the early exits after blocks I, J."""
+    path, _, exits = spec.partition(":")
+    ckpt = Path(path)
+    keep = tuple(int(v) for v in exits.split(",")) if exits else None
+    name = ckpt.stem + (f"_x{''.join(map(str, keep))}" if keep else "")
+    folder = work / (name + "_onnx")
     sha = None
     if (folder / "manifest.json").exists():
         sha = load_manifest(folder).source.get("checkpoint_sha256")
     if sha != sha256_file(ckpt):
-        export_checkpoint(ckpt, folder, force=True)
+        export_checkpoint(ckpt, folder, force=True, exits=keep)
     engine = Engine.load(folder, threads=threads)
     m = engine.manifest
     try:
@@ -60,7 +66,7 @@ def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> D
     test_folder = image_folder_split(data, "test")
     test = cal.validation_probs(engine, test_folder.files)
     cum = [s.cumulative_macs for s in m.segments]
-    out = {"name": ckpt.stem, "arch": m.model_name, "exits": len(cum), "cumulative_macs": cum,
+    out = {"name": name, "arch": m.model_name, "exits": len(cum), "cumulative_macs": cum,
            "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms), "cumulative_ms": list(prof.cumulative_ms),
            "full_ms": prof.full_ms, "chain_over_full": prof.cumulative_ms[-1] / prof.full_ms,
            "profile": prof.machine.describe(), "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO)
@@ -74,24 +80,34 @@ def candidate(ckpt: Path, work: Path, data: Path, threads: int, calls: int) -> D
     return out
 
 
-def envelope(curve: List[Dict], budgets: np.ndarray) -> np.ndarray:
-    """Best accuracy with expected latency <= each budget (nan where the curve has no point)."""
-    ms = np.array([p["expected_ms"] for p in curve])
-    acc = np.array([p["accuracy"] for p in curve])
+def envelope(curve: List[Dict], budgets: np.ndarray, static: Optional[Dict] = None) -> np.ndarray:
+    """Best accuracy with expected latency <= each budget (nan where nothing fits); ``static``, the
+    candidate's full.onnx point ({"expected_ms", "accuracy"}), counts as one more way to deploy it."""
+    points = list(curve) + ([static] if static else [])
+    ms = np.array([p["expected_ms"] for p in points])
+    acc = np.array([p["accuracy"] for p in points])
     return np.array([acc[ms <= b].max() if (ms <= b).any() else np.nan for b in budgets])
 
 
-def choose(cands: List[Dict], split: str = "val", points: int = 20) -> Dict:
+def static_point(c: Dict, split: str) -> Dict:
+    return {"expected_ms": c["full_ms"], "accuracy": c[split]["exit_accuracy"][-1]}
+
+
+def choose(cands: List[Dict], split: str = "val", points: int = 40) -> Dict:
+    """The candidate with the highest mean accuracy over latency budgets from the fastest point every
+    candidate reaches to the slowest point any candidate needs; each deploys its best way (early exit at
+    some threshold, or its static full.onnx) within each budget."""
     lo = max(min(p["expected_ms"] for p in c[split]["curve"]) for c in cands)
-    hi = min(max(p["expected_ms"] for p in c[split]["curve"]) for c in cands)
-    if hi <= lo:  # the curves do not overlap in latency: compare at each one's own range end
-        lo, hi = min(lo, hi), max(lo, hi)
+    hi = max(max(max(p["expected_ms"] for p in c[split]["curve"]), c["full_ms"]) for c in cands)
     budgets = np.linspace(lo, hi, points)
-    scores = {c["name"]: float(np.nanmean(envelope(c[split]["curve"], budgets))) for c in cands}
+    scores = {c["name"]: float(np.nanmean(envelope(c[split]["curve"], budgets, static_point(c, split))))
+              for c in cands}
     best = max(scores, key=scores.get)
     return {"split": split, "budgets_ms": budgets.tolist(), "scores": scores, "chosen": best,
-            "rule": (f"mean {split} accuracy of each candidate's max-prob envelope over {points} latency budgets "
-                     f"from {lo:.3f} to {hi:.3f} ms (the range every candidate covers); highest wins")}
+            "rule": (f"mean {split} accuracy of each candidate's best deployment (early exit at a max-prob "
+                     f"threshold, or its static full.onnx) within each of {points} latency budgets from {lo:.3f} "
+                     f"to {hi:.3f} ms (from the fastest point every candidate reaches to the slowest any needs); "
+                     "highest wins")}
 
 
 def curves_csv(cands: List[Dict]) -> str:
@@ -169,13 +185,14 @@ def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+", type=Path)
+    ap.add_argument("checkpoints", nargs="+", help="checkpoints; CHECKPOINT:I keeps only the early exit after block I")
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
     args = ap.parse_args(argv)
+    session_options(threads=args.threads)  # the process's shared pool at the measured thread count, before exports
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     cands = [candidate(c, args.work, args.data, args.threads, args.calls) for c in args.checkpoints]

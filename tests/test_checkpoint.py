@@ -66,3 +66,25 @@ def test_truncated_checkpoint(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         read_checkpoint(tmp_path / "cut.pt")
+
+
+def test_compact_checkpoint_loads_and_predicts_like_the_original(tiny_teacher, tmp_path):
+    from erde.training.cli import main as cli_main
+    from click.testing import CliRunner
+
+    out = tmp_path / "small.pt"
+    r = CliRunner().invoke(cli_main, ["compact", str(tiny_teacher), str(out)])
+    assert r.exit_code == 0, r.output
+    raw = read_checkpoint(out)
+    assert raw["compact"] and raw["training_state"] == {}
+    assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    assert "/" not in raw["train_args"]["data"]  # no absolute path of the machine that trained it
+    a, _ = load_model(tiny_teacher)
+    b, _ = load_model(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for la, lb in zip(a(x), b(x)):
+            torch.testing.assert_close(la, lb, atol=2e-2, rtol=2e-2)
+    assert out.stat().st_size < tiny_teacher.stat().st_size
+    r = CliRunner().invoke(cli_main, ["compact", str(tiny_teacher), str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output

@@ -59,6 +59,25 @@ def make_checkpoint(
     }
 
 
+def compact(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """A finished checkpoint for the repository: float16 weights, no optimizer state, paths made relative.
+
+    ``load_model`` casts the weights back to float32; a compact checkpoint cannot be resumed.
+    """
+    if not ckpt.get("progress", {}).get("finished"):
+        raise CheckpointError("only a finished run can be compacted (its optimizer state is dropped)")
+    out = dict(ckpt)
+    out["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    out["training_state"] = {}
+    args = dict(ckpt.get("train_args", {}))
+    for key in ("data", "teacher"):  # absolute paths of the machine that trained it: keep the name only
+        if args.get(key):
+            args[key] = Path(args[key]).name
+    out["train_args"] = args
+    out["compact"] = True
+    return out
+
+
 def save_checkpoint(ckpt: Dict[str, Any], path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
@@ -116,7 +135,7 @@ def load_model(path, ckpt: Dict[str, Any] | None = None) -> Tuple[EarlyExitResNe
     try:
         cfg = ModelConfig.from_dict(ckpt["model_args"])
         model = build_model(cfg)
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     except (TypeError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not match the stored architecture ({str(e).splitlines()[0]})") from None
     return model.eval(), ckpt

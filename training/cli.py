@@ -14,7 +14,7 @@ from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import write_json_atomic
 
 from . import distributed
-from .checkpoint import load_model
+from .checkpoint import compact, load_model, read_checkpoint, save_checkpoint
 from .cliutil import debug_option, friendly_errors, run_click
 from .data import load_split, to_tensor
 from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
@@ -180,6 +180,24 @@ def evaluate_checkpoint(path: Path, data_path: Path, split: str, criteria: List[
         points = sweep(probs, labels, macs.cumulative, macs.full, crit, _parse_thresholds(thresholds, crit))
         result["sweeps"][crit] = [p.to_dict() for p in points]
     return result
+
+
+@main.command("compact")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
+@debug_option
+@friendly_errors
+def compact_cmd(checkpoint, out, force):
+    """A finished checkpoint in a form to commit: float16 weights, no optimizer state (a few MB at most)."""
+    if out.suffix != ".pt":
+        raise ErdeError(f"{out}: the checkpoint name must end in .pt")
+    if out.exists() and not force:
+        raise ErdeError(f"{out}: already exists; pass --force to overwrite it")
+    if out.resolve() == Path(checkpoint).resolve():
+        raise ErdeError(f"{out}: is the input checkpoint; write the compact copy elsewhere")
+    save_checkpoint(compact(read_checkpoint(checkpoint)), out)
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 @main.command("eval")

@@ -24,7 +24,7 @@ import torch
 from erde.runtime.errors import ErdeError
 from erde.runtime.files import UnsafePathError, build_folder, check_replaceable
 from erde.runtime.manifest import (
-    MANIFEST_NAME, FullGraph, Manifest, Preprocessing, Segment, TensorSpec, save_manifest,
+    MANIFEST_NAME, FullGraph, Manifest, preprocessing_from_dict, Segment, TensorSpec, save_manifest,
 )
 from erde.training.checkpoint import load_model, read_checkpoint
 from erde.training.macs import exit_macs
@@ -149,8 +149,7 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     manifest = Manifest(
         model_name=cfg.arch,
         class_names=list(ckpt["class_names"]),
-        preprocessing=Preprocessing(tuple(pre["input_size"]), tuple(pre["mean"]), tuple(pre["std"]),
-                                    pre.get("channel_order", "RGB"), "NCHW", pre.get("resize", "stretch")),
+        preprocessing=preprocessing_from_dict(pre),
         segments=segments,
         full=FullGraph("full.onnx", sha256_file(folder / "full.onnx"), "image", "probs", macs.full),
         opset=OPSET,

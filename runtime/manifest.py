@@ -96,6 +96,12 @@ class Calibration:
     profile: str = ""  # the machine the latency profile describes ("" when MACs were the cost)
 
 
+def preprocessing_from_dict(d: Dict[str, Any]) -> Preprocessing:
+    """The Preprocessing a checkpoint stores (``dataclasses.asdict`` of it; older ones lack layout)."""
+    return Preprocessing(tuple(d["input_size"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
+                         d.get("channel_order", "RGB"), d.get("layout", "NCHW"), d.get("resize", "stretch"))
+
+
 @dataclass(frozen=True)
 class Manifest:
     model_name: str

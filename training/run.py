@@ -15,6 +15,7 @@ import click
 import torch
 
 from erde.runtime.errors import ErdeError
+from erde.runtime.manifest import Preprocessing
 
 from . import distributed
 from .checkpoint import CheckpointError, load_model, read_checkpoint
@@ -155,8 +156,8 @@ def run(spec: RunSpec, opts: RunOptions, dist=None) -> None:
     macs = exit_macs(model)
     log(f"{kind} {arch}: {len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, "
         f"{cfg.num_exits} exits, MACs to each exit {list(macs.cumulative)}")
-    preprocessing = {"input_size": list(cfg.input_size), "mean": list(mean), "std": list(std),
-                     "channel_order": "RGB", "resize": "stretch"}
+    pre = asdict(Preprocessing(tuple(cfg.input_size), tuple(mean), tuple(std)))  # the manifest's own dataclass
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}
     info = RunInfo(kind, list(train_ds.class_names), preprocessing, spec.to_dict(), str(out), rank, world, history)
     if world > 1 or dev.device.type != "cpu" or dev.amp != "off":
         log(f"{world} process(es) on {dev.device.type}, amp {dev.amp}, per-process batch {tcfg.batch_size}, "

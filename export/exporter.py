@@ -12,6 +12,7 @@ existing folder is replaced only with ``force``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -30,6 +31,7 @@ from erde.training.checkpoint import load_model, read_checkpoint
 from erde.training.macs import exit_macs
 from erde.training.models import EarlyExitResNet, keep_exits
 
+from .early_exit_graph import write_early_exit_graph
 from .onnx_macs import onnx_macs
 from .parity import check_parity
 from .segments import FullPath, Segment as SegmentModule, input_names, output_names
@@ -159,6 +161,8 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
                 "torch": str(torch.__version__), "onnx": onnx.__version__,
                 "erde": _erde_version()},
     )
+    if num_exits > 1:  # the batch-1 fast path: the whole model in one graph (the chain stays the portable form)
+        manifest = dataclasses.replace(manifest, early_exit_graph=write_early_exit_graph(folder, manifest))
     save_manifest(folder, manifest)
     gen = torch.Generator().manual_seed(1)
     probe = torch.cat([torch.randn(parity_batch // 2, 3, h, w, generator=gen),

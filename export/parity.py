@@ -65,6 +65,17 @@ def parity_checks(model: EarlyExitResNet, folder: Path, x: torch.Tensor) -> List
         diff = float(np.abs(engine.run_full(xs) - ref[-1]).max())
         checks.append(Check(engine.manifest.full.file, diff < PROBS_ATOL,
                             f"max |probability difference| {diff:.1e} (tolerance {PROBS_ATOL:.0e})"))
+    if engine.single_graph:
+        diffs, wrong = [], 0
+        for i in range(min(8, len(xs))):
+            for k in range(engine.num_exits):
+                probs, taken = engine.single_graph_probs(xs[i:i + 1], k)
+                diffs.append(float(np.abs(probs[0] - ref[k, i]).max()))
+                wrong += taken != k
+        diff = max(diffs)
+        checks.append(Check(engine.manifest.early_exit_graph.file, diff < PROBS_ATOL and not wrong,
+                            f"max |probability difference| {diff:.1e} at every forced exit"
+                            + (f"; {wrong} answers from the wrong exit" if wrong else "")))
     early = ref[:-1]
     for criterion in CRITERIA:
         conf = early.max(-1) if criterion == "max-prob" else normalized_entropy(early)

@@ -133,6 +133,7 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
                     "calibration_split": "validation", "onnxruntime": onnxruntime.__version__,
                     "source_model": model_dir.name}
         new = dataclasses.replace(manifest, segments=segments, full=full, calibration=None, quantization=settings,
+                                  early_exit_graph=None,  # the int8 folder runs the chain of int8 segments
                                   metrics={})
         save_manifest(tmp, new)
         _check_agreement(engine, Engine.load(tmp, shared_pool=False), x, report)

@@ -99,11 +99,11 @@ def _read_checked(folder: Path, file: str, sha256: str) -> bytes:
     return data
 
 
-def _check_io(session: Any, path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+def _check_io(session: Any, path: Path, inputs: Sequence[str], outputs: Sequence[str], inputs_count: int = 1) -> None:
     have_in = [i.name for i in session.get_inputs()]
     have_out = {o.name for o in session.get_outputs()}
     missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
-    if missing or len(have_in) != 1:
+    if missing or len(have_in) != inputs_count:
         raise ModelFolderError(f"{path}: graph inputs {have_in} / outputs {sorted(have_out)} do not match "
                                f"{MANIFEST_NAME} (expected one input {list(inputs)} and outputs {list(outputs)}); "
                                "re-export the model folder")
@@ -113,12 +113,13 @@ class Engine:
     """Runs an early-exit model folder. Create with ``Engine.load``."""
 
     def __init__(self, folder: Path, manifest: Manifest, stages: List[_Stage], full: Optional[_Stage],
-                 threads: Optional[int]):
+                 threads: Optional[int], single: Optional[_Stage] = None):
         self.folder = folder
         self.manifest = manifest
         self.threads = threads
         self._stages = stages
         self._full = full
+        self._single = single  # early_exit.onnx: the whole model in one graph, for batch 1
         self._cum_macs = [s.cumulative_macs for s in manifest.segments]
         self._full_macs = manifest.full_macs
         self._num_classes = len(manifest.class_names)
@@ -136,7 +137,9 @@ class Engine:
         threads = _check_threads(threads)
         providers = _check_providers(providers)
         manifest = load_manifest(folder)
-        listed = [s.file for s in manifest.segments] + ([manifest.full.file] if manifest.full else [])
+        eeg = manifest.early_exit_graph
+        listed = ([s.file for s in manifest.segments] + ([manifest.full.file] if manifest.full else [])
+                  + ([eeg.file] if eeg else []))
         extra = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.name not in listed)
         if extra:
             raise ModelFolderError(f"{folder / extra[0]}: .onnx file not listed in {MANIFEST_NAME}"
@@ -157,7 +160,14 @@ class Engine:
             sess = make_session(full_blob, threads, providers, shared_pool, name=str(path))
             _check_io(sess, path, [manifest.full.input_name], [manifest.full.probs_output])
             full = _Stage(sess, manifest.full.input_name, [manifest.full.probs_output], manifest.full.file)
-        return cls(folder, manifest, stages, full, threads)
+        single = None
+        if eeg is not None:
+            path = folder / eeg.file
+            sess = make_session(_read_checked(folder, eeg.file, eeg.sha256), threads, providers, shared_pool,
+                                name=str(path))
+            _check_io(sess, path, ["image", "thresholds", "entropy"], ["probs", "exit"], inputs_count=3)
+            single = _Stage(sess, "image", ["probs", "exit"], eeg.file)
+        return cls(folder, manifest, stages, full, threads, single)
 
     @property
     def num_exits(self) -> int:
@@ -254,6 +264,8 @@ class Engine:
             feed = outputs[1] if len(outputs) > 1 else None
         if include_full and self._full is not None:
             self._run_stage(self._full, x)
+        if self._single is not None:
+            self._run_single(x[:1], "max-prob", None)
 
     def run_full(self, x: np.ndarray) -> np.ndarray:
         """Probabilities [N, K] of the static student (full.onnx): no exits, one session."""
@@ -299,6 +311,8 @@ class Engine:
         This is the hot path whose overhead against full.onnx the benchmark reports, so it does the
         least Python work per segment (no per-call checks beyond the probabilities' shape).
         """
+        if self._single is not None:
+            return self._run_single(x, criterion, threshold if early_exit else None)
         stages = self._stages
         last = len(stages) - 1
         max_prob = criterion == "max-prob"
@@ -332,6 +346,61 @@ class Engine:
         p = probs[0]
         c = int(p.argmax())
         return self._prediction(c, float(p[c]), k, cum_ms, times_ms)
+
+    def _run_single(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+                    leave_at: Optional[int] = None) -> Prediction:
+        """Batch 1 through early_exit.onnx: one call. ``threshold`` None: nobody leaves early;
+        ``leave_at``: leave at that exit whatever the confidence (for latency profiles).
+
+        The per-segment split of the time is not observable here: ``segment_latency_ms`` holds
+        the whole call as one entry.
+        """
+        entropy = criterion == "entropy"
+        never, always = (-1.0, 2.0) if entropy else (2.0, -1.0)
+        t = np.full(max(1, self.num_exits - 1), never if threshold is None else threshold, dtype=np.float32)
+        if leave_at is not None and leave_at < self.num_exits - 1:
+            t[:leave_at] = never
+            t[leave_at] = always
+        feeds = {"image": x, "thresholds": t, "entropy": np.array(entropy)}
+        start = time.perf_counter()
+        try:
+            probs, exit_ = self._single.session.run(self._single.output_names, feeds)
+        except Exception as e:
+            raise ModelFolderError(f"{self.folder / self._single.file}: onnxruntime failed to run this graph "
+                                   f"({_one_line(e)}); re-export the model folder") from None
+        ms = (time.perf_counter() - start) * 1000.0
+        k, p = int(exit_[0]), probs[0]
+        c = int(p.argmax())
+        cum = [ms] * (k + 1)
+        return self._prediction(c, float(p[c]), k, cum, [ms])
+
+    def single_graph_probs(self, x: np.ndarray, leave_at: int) -> Tuple[np.ndarray, int]:
+        """early_exit.onnx forced to answer at exit ``leave_at``: (probabilities [1,K], the exit it reports)."""
+        if self._single is None:
+            raise ErdeError(f"{self.folder}: this model folder has no early_exit.onnx")
+        t = np.full(max(1, self.num_exits - 1), 2.0, dtype=np.float32)
+        if leave_at < self.num_exits - 1:
+            t[leave_at] = -1.0
+        probs, exit_ = self._single.session.run(self._single.output_names,
+                                                {"image": x, "thresholds": t, "entropy": np.array(False)})
+        return probs, int(exit_[0])
+
+    def time_to_exit(self, x: np.ndarray, k: int) -> float:
+        """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""
+        if self._single is not None:
+            return self._run_single(x, "max-prob", None, leave_at=k).latency_ms
+        start = time.perf_counter()
+        feed = x
+        for stage in self._stages[:k + 1]:
+            outputs = stage.session.run(stage.output_names, {stage.input_name: feed})
+            bool(outputs[0].max() >= 2.0)  # the exit test the engine does
+            feed = outputs[1] if len(outputs) > 1 else None
+        return (time.perf_counter() - start) * 1000.0
+
+    @property
+    def single_graph(self) -> bool:
+        """Whether batch-1 predictions run through early_exit.onnx (one call) rather than the segment chain."""
+        return self._single is not None
 
     def _run(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool = True) -> List[Prediction]:
         n = x.shape[0]

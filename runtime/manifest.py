@@ -72,6 +72,18 @@ class FullGraph:
 
 
 @dataclass(frozen=True)
+class EarlyExitGraph:
+    """The whole model as one graph for batch 1 (nested If nodes; see erde.export.early_exit_graph).
+
+    Inputs ``image`` [1,3,H,W], ``thresholds`` [E-1] float32 and ``entropy`` (bool); outputs ``probs``
+    [1,K] and ``exit`` [1] int64. Optional: the engine falls back to the segment chain without it.
+    """
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     input_size: Tuple[int, int]  # (height, width)
     mean: Tuple[float, float, float]  # per channel, on 0..1 pixel values
@@ -117,6 +129,7 @@ class Manifest:
     metrics: Dict[str, float] = field(default_factory=dict)  # e.g. test accuracy per exit
     source: Dict[str, str] = field(default_factory=dict)  # checkpoint hash, package versions
     quantization: Dict[str, Any] = field(default_factory=dict)  # settings of erde-quantize; {} for fp32
+    early_exit_graph: Optional[EarlyExitGraph] = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -260,6 +273,15 @@ def manifest_from_dict(d: Any) -> Manifest:
             prec = _typed(f, "precision", str, w, errors, "fp32")
             _check(prec in PRECISIONS, f"{w}.precision: {prec!r} is not one of {PRECISIONS}", errors)
             full = FullGraph(precision=prec, **vals)
+    eeg = None
+    g = _typed(d, "early_exit_graph", (dict, type(None)), where, errors, None)
+    if g is not None:
+        w = "manifest.early_exit_graph"
+        vals = {k: _typed(g, k, str, w, errors) for k in ("file", "sha256")}
+        if None not in vals.values():
+            _check(_plain_file_name(vals["file"]), f"{w}.file: {vals['file']!r} must be a plain file name inside the "
+                   "model folder", errors)
+            eeg = EarlyExitGraph(**vals)
     crit = _typed(d, "default_criterion", str, where, errors, "max-prob")
     _check(crit in CRITERIA, f"manifest.default_criterion: {crit!r} is not one of {CRITERIA}", errors)
     thr = _typed(d, "default_threshold", (int, float), where, errors, 0.9)
@@ -290,7 +312,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         _check(segments[-1].feature_output is None, "manifest.segments[-1]: the last segment must not have feature_output", errors)
         cum = [s.cumulative_macs for s in segments]
         _check(cum == sorted(cum), "manifest.segments: cumulative_macs must not decrease", errors)
-        files = [s.file for s in segments] + ([full.file] if full is not None else [])
+        files = [s.file for s in segments] + ([full.file] if full is not None else []) + ([eeg.file] if eeg else [])
         dupes = sorted({f for f in files if files.count(f) > 1})
         _check(not dupes, f"manifest: file name(s) {dupes} used by more than one graph", errors)
         if full is None:
@@ -302,7 +324,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         model_name=model_name, class_names=list(class_names), preprocessing=pre, segments=segments, full=full,
         default_criterion=crit, default_threshold=float(thr), calibration=cal, opset=opset,
         mac_convention=d.get("mac_convention", MAC_CONVENTION), metrics=dict(metrics), source=dict(source),
-        quantization=dict(quantization or {}), schema_version=version,
+        quantization=dict(quantization or {}), early_exit_graph=eeg, schema_version=version,
     )
 
 

@@ -63,7 +63,7 @@ class MachineKey:
 class LatencyProfile:
     machine: MachineKey
     model_sha256: str  # of the segment and full graphs' sha256s, in manifest order
-    segment_ms: Tuple[float, ...]  # mean batch-1 latency of each segment (run + exit test), trimmed
+    segment_ms: Tuple[float, ...]  # added batch-1 latency of each exit: answering at k minus at k-1, trimmed means
     full_ms: Optional[float]  # full.onnx, batch 1, same trimming
     spread: float  # relative run-to-run spread of the all-segments latency across rounds, (max - min) / mean
     calls: int  # timed calls per graph
@@ -87,6 +87,7 @@ def model_sha256(manifest: Manifest) -> str:
     import hashlib
 
     parts = [s.sha256 for s in manifest.segments] + ([manifest.full.sha256] if manifest.full else [])
+    parts += [manifest.early_exit_graph.sha256] if manifest.early_exit_graph else []
     return hashlib.sha256(",".join(parts).encode()).hexdigest()
 
 
@@ -100,37 +101,47 @@ def _trimmed_mean(values: Sequence[float]) -> float:
 
 
 def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: int = 0) -> LatencyProfile:
-    """Time every segment (all run, nobody leaves) and full.onnx at batch 1, interleaved in rounds."""
+    """Time the answer at every exit (forced there) and full.onnx at batch 1, interleaved in rounds.
+
+    ``engine.time_to_exit`` runs the model as ``predict`` does at batch 1 (the segment chain with its exit
+    tests, or early_exit.onnx in one call), so the profile holds for either path.
+    """
     if calls < rounds or rounds < 1:
         raise ErdeError(f"need at least {rounds} calls (got {calls})")
     m = engine.manifest
+    n_exits = m.num_exits
     x = np.random.default_rng(seed).standard_normal((1,) + engine._input_shape).astype(np.float32)
+    clock = time.perf_counter
+
+    def full_ms() -> float:
+        t0 = clock()
+        engine.run_full(x)
+        return (clock() - t0) * 1000.0
+
     for _ in range(warmup):
-        engine.predict_array(x, early_exit=False)
+        for k in range(n_exits):
+            engine.time_to_exit(x, k)
         if engine.has_full:
-            engine.run_full(x)
-    seg: List[List[float]] = [[] for _ in m.segments]
+            full_ms()
+    cum: List[List[float]] = [[] for _ in range(n_exits)]
     full: List[float] = []
     totals: List[float] = []
-    clock = time.perf_counter
     per_round = max(1, calls // rounds)
     for _ in range(rounds):
-        chain_total = []
+        last = []
         for _ in range(per_round):
-            p = engine.predict_array(x, early_exit=False)[0]
-            for k, t in enumerate(p.segment_latency_ms):
-                seg[k].append(t)
-            chain_total.append(sum(p.segment_latency_ms))
+            for k in range(n_exits):
+                cum[k].append(engine.time_to_exit(x, k))
+            last.append(cum[-1][-1])
             if engine.has_full:
-                t0 = clock()
-                engine.run_full(x)
-                full.append((clock() - t0) * 1000.0)
-        totals.append(_trimmed_mean(chain_total))
+                full.append(full_ms())
+        totals.append(_trimmed_mean(last))
     spread = (max(totals) - min(totals)) / float(np.mean(totals))
+    cum_ms = [_trimmed_mean(c) for c in cum]
+    segment_ms = [max(b - a, 1e-4) for a, b in zip([0.0] + cum_ms[:-1], cum_ms)]  # a tiny last step may be noise
     return LatencyProfile(
-        machine=MachineKey.here(engine.threads), model_sha256=model_sha256(m),
-        segment_ms=tuple(_trimmed_mean(s) for s in seg), full_ms=_trimmed_mean(full) if full else None,
-        spread=float(spread), calls=per_round * rounds,
+        machine=MachineKey.here(engine.threads), model_sha256=model_sha256(m), segment_ms=tuple(segment_ms),
+        full_ms=_trimmed_mean(full) if full else None, spread=float(spread), calls=per_round * rounds,
         measured=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -16,7 +16,8 @@ from erde.training.checkpoint import CheckpointError, read_checkpoint
 def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
     out, manifest = exported
     assert sorted(p.name for p in out.iterdir()) == [
-        "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx", "segment_3.onnx"]
+        "early_exit.onnx", "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx",
+        "segment_3.onnx"]
     loaded = load_manifest(out)
     assert loaded == manifest
     assert loaded.class_names == ["blue", "green", "red"] and loaded.num_exits == 4
@@ -28,6 +29,7 @@ def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
     assert loaded.segments[-1].feature_output is None
     assert loaded.full.macs < loaded.segments[-1].cumulative_macs  # the static path has no exit heads
     assert "val_accuracy_exit_1" in loaded.metrics
+    assert loaded.early_exit_graph.sha256 == sha256_file(out / "early_exit.onnx")
     assert loaded.source["val_fraction"] == "0.25"  # erde-calibrate carves the same validation split
 
 
@@ -123,3 +125,19 @@ def test_an_exit_that_does_not_pay_can_be_dropped_at_export(tiny_student, tmp_pa
     assert m.metrics["val_accuracy_exit_1"] == read_checkpoint(tiny_student)["metrics"]["val_exit_accuracy"][1]
     with pytest.raises(ErdeError, match="subset of the trained early exits"):
         export_checkpoint(tiny_student, tmp_path / "n", exits=(99,))
+
+
+def test_the_single_graph_gives_the_chains_answers(exported):
+    """early_exit.onnx (batch 1) and the segment chain take the same exit with the same confidence."""
+    from erde.runtime.engine import Engine
+
+    out, _ = exported
+    eng = Engine.load(out, threads=1)
+    assert eng.single_graph
+    x = np.random.default_rng(3).standard_normal((24, 3, 32, 32)).astype(np.float32)
+    for criterion, t in (("max-prob", 0.5), ("max-prob", 0.9), ("entropy", 0.3)):
+        chain = eng.predict_array(x, t, criterion)  # batch 24: the chain with compaction
+        single = eng.predict_array(x, t, criterion, batch_size=1)  # batch 1: early_exit.onnx
+        assert [(p.exit_index, p.class_index) for p in chain] == [(p.exit_index, p.class_index) for p in single]
+        assert max(abs(a.confidence - b.confidence) for a, b in zip(chain, single)) < 1e-5
+    assert all(eng.time_to_exit(x[:1], k) > 0 for k in range(eng.num_exits))

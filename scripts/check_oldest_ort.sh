@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Check that the bundled model runs on the oldest onnxruntime the runtime declares (1.19.2, the last
 # release for Python 3.9, still common on boards) and answers like the onnxruntime installed here.
-# Usage: scripts/check_oldest_ort.sh IMAGE_FOLDER   (e.g. ../shared/datasets/cifar10/test/ship)
+# Usage: scripts/check_oldest_ort.sh IMAGE_FOLDER [MODEL_DIR]   (e.g. ../shared/datasets/cifar10/test/ship)
+# MODEL_DIR (default: the bundled model) may be any model folder, e.g. an int8 one from erde-quantize.
 # Builds a throw-away venv with onnxruntime==1.19.2 (from the package index) and this checkout
 # (runtime extra only, no torch), runs erde-run --json over the folder with both versions and
 # compares the class and exit of every image and the largest confidence difference.
 set -eu
-images=$(realpath "${1:?usage: $0 IMAGE_FOLDER}")
+images=$(realpath "${1:?usage: $0 IMAGE_FOLDER [MODEL_DIR]}")
+model=()
+if [ -n "${2:-}" ]; then model=(--model "$(realpath "$2")"); fi
 cd "$(dirname "$0")/.."
 here=$(command -v erde-run) || { echo "Error: erde-run is not on PATH; activate the venv that has erde installed" >&2; exit 2; }
 tmp=$(mktemp -d)
@@ -15,8 +18,8 @@ python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/pip" install -q "onnxruntime==1.19.2" numpy Pillow 2>&1 | grep -v WARNING || true
 "$tmp/venv/bin/pip" install -q --no-deps . 2>&1 | grep -v WARNING || true
 "$tmp/venv/bin/python" -c "import onnxruntime; print('old:', onnxruntime.__version__)"
-"$here" --folder "$images" --json > "$tmp/new.jsonl"
-(cd "$tmp" && "$tmp/venv/bin/erde-run" --folder "$images" --json > "$tmp/old.jsonl")  # not this checkout's files
+"$here" "${model[@]}" --folder "$images" --json > "$tmp/new.jsonl"
+(cd "$tmp" && "$tmp/venv/bin/erde-run" "${model[@]}" --folder "$images" --json > "$tmp/old.jsonl")  # not this checkout's files
 python3 - "$tmp/old.jsonl" "$tmp/new.jsonl" <<'PY'
 import json, sys
 old, new = ([json.loads(line) for line in open(f)] for f in sys.argv[1:])

@@ -78,7 +78,7 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
                       parity_batch: int = 32, report: Optional[Callable[[str], None]] = None,
-                      exits: Optional[Tuple[int, ...]] = None) -> Manifest:
+                      exits: Optional[Tuple[int, ...]] = None, single_graph: bool = False) -> Manifest:
     """Export ``checkpoint`` into the model folder ``out``.
 
     With ``force`` an existing ``out`` is replaced only if erde-export wrote it
@@ -94,12 +94,12 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
         check_replaceable(out, force, MANIFEST_NAME, protect=[checkpoint], tool="erde-export")
     except UnsafePathError as e:
         raise ExportError(str(e)) from None
-    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report),
+    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report, single_graph),
                         protect=[checkpoint], tool="erde-export")
 
 
 def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,
-           report: Optional[Callable[[str], None]] = None) -> Manifest:
+           report: Optional[Callable[[str], None]] = None, single_graph: bool = False) -> Manifest:
     cfg = model.cfg
     num_exits = cfg.num_exits
     pre = ckpt["preprocessing"]
@@ -161,7 +161,7 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
                 "torch": str(torch.__version__), "onnx": onnx.__version__,
                 "erde": _erde_version()},
     )
-    if num_exits > 1:  # the batch-1 fast path: the whole model in one graph (the chain stays the portable form)
+    if single_graph and num_exits > 1:  # the whole model in one graph for batch 1 (the chain stays the portable form)
         manifest = dataclasses.replace(manifest, early_exit_graph=write_early_exit_graph(folder, manifest))
     save_manifest(folder, manifest)
     gen = torch.Generator().manual_seed(1)

@@ -48,7 +48,7 @@ def exported(tiny_student, tmp_path_factory):
     from erde.export.exporter import export_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "model"
-    return out, export_checkpoint(tiny_student, out)
+    return out, export_checkpoint(tiny_student, out, single_graph=True)  # with early_exit.onnx, to test it too
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,9 @@ def test_erde_run_uses_the_bundled_model_without_torch(tmp_path):
                           + ["--image", str(bundle_model.SAMPLES / "airplane.png"), "--threads", "1"],
                           capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
     assert proc.returncode == 0, proc.stderr
-    header, line = proc.stdout.splitlines()
+    lines = proc.stdout.splitlines()
+    header, line = lines[0], lines[-1]
+    # The bundle carries latency profiles of the machine that built it: elsewhere a warning says it is ignored.
+    assert len(lines) == 2 + ("Warning:" not in proc.stderr) and (len(lines) == 2 or "expected latency" in lines[1])
     assert "(calibrated)" in header and str(bundle_model.BUNDLED) in header
     assert line.startswith(f"{bundle_model.SAMPLES / 'airplane.png'}: ") and "of full MACs" in line and " ms" in line

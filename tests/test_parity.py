@@ -41,7 +41,7 @@ def test_export_after_engine_load_in_one_process(tiny_student, tmp_path):
         from erde.export.exporter import export_checkpoint
         Engine.load(BUNDLED_MODEL, threads=1)  # the process's global pool now exists
         lines = []
-        export_checkpoint({str(tiny_student)!r}, {str(tmp_path / 'b')!r}, report=lines.append)
+        export_checkpoint({str(tiny_student)!r}, {str(tmp_path / 'b')!r}, report=lines.append, single_graph=True)
         print(len(lines), all(ln.startswith("✓") for ln in lines))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

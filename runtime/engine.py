@@ -10,10 +10,8 @@ Sessions and the thread-pool policy live in ``erde.runtime.sessions``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -22,10 +20,10 @@ from PIL import Image
 
 from . import criteria
 from .errors import ErdeError, ModelFolderError
-from .files import MAX_GRAPH_BYTES, read_capped
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 from .sessions import _check_providers, _check_threads, _one_line, make_session
+from .stages import Prediction, _check_io, _read_checked, _Stage  # noqa: F401 (Prediction: part of this API)
 
 #: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
 MAX_RUN_BATCH = 256
@@ -42,71 +40,6 @@ def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray
 
 def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
     return criteria.check_criterion(criterion), criteria.check_threshold(criterion, threshold)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The answer for one image.
-
-    ``latency_ms``: with batch size 1, the wall time of the segments this image
-    ran (each ``run`` call plus its exit test). In a batch, the wall time of the
-    whole batch from its first segment up to the end of the segment where this
-    image left; ``segment_latency_ms`` then holds the batch's per-segment times.
-    ``macs`` are per image: the ``cumulative_macs`` of the exit taken.
-    """
-
-    class_index: int
-    class_name: str
-    confidence: float  # the max softmax probability at the exit taken
-    exit_index: int  # 0-based
-    num_exits: int
-    macs: int
-    macs_fraction: float  # macs / manifest.full_macs
-    latency_ms: float
-    segment_latency_ms: Tuple[float, ...]
-
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["segment_latency_ms"] = list(self.segment_latency_ms)
-        return d
-
-
-@dataclass(frozen=True)
-class _Stage:
-    session: Any
-    input_name: str
-    output_names: List[str]  # [probs] or [probs, features]
-    file: str
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_checked(folder: Path, file: str, sha256: str) -> bytes:
-    path = folder / file
-    if not path.exists() and not path.is_symlink():
-        raise ModelFolderError(f"{path}: listed in {MANIFEST_NAME} but missing; copy the whole model folder "
-                               "written by erde-export")
-    data = read_capped(path, MAX_GRAPH_BYTES, inside=folder, what="model file")
-    if _sha256(data) != sha256.lower():
-        raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST_NAME} (file altered or partly copied); "
-                               "copy the model folder again or re-export it")
-    return data
-
-
-def _check_io(session: Any, path: Path, inputs: Sequence[str], outputs: Sequence[str], inputs_count: int = 1) -> None:
-    have_in = [i.name for i in session.get_inputs()]
-    have_out = {o.name for o in session.get_outputs()}
-    missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
-    if missing or len(have_in) != inputs_count:
-        raise ModelFolderError(f"{path}: graph inputs {have_in} / outputs {sorted(have_out)} do not match "
-                               f"{MANIFEST_NAME} (expected one input {list(inputs)} and outputs {list(outputs)}); "
-                               "re-export the model folder")
 
 
 class Engine:

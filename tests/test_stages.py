@@ -1,0 +1,26 @@
+"""runtime/stages.py: a model folder's graph files are read only when they match the manifest."""
+
+import pytest
+
+from erde.runtime.errors import ErdeError
+from erde.runtime.stages import Prediction, _read_checked
+
+
+def test_read_checked(tmp_path):
+    import hashlib
+
+    (tmp_path / "g.onnx").write_bytes(b"graph")
+    sha = hashlib.sha256(b"graph").hexdigest()
+    assert _read_checked(tmp_path, "g.onnx", sha) == b"graph"
+    with pytest.raises(ErdeError, match="sha256 does not match"):
+        _read_checked(tmp_path, "g.onnx", "0" * 64)
+    with pytest.raises(ErdeError, match="missing"):
+        _read_checked(tmp_path, "gone.onnx", sha)
+
+
+def test_prediction_to_dict_is_plain_json():
+    import json
+
+    p = Prediction(1, "cat", 0.9, 0, 2, 10, 0.5, 1.0, (1.0,))
+    d = p.to_dict()
+    assert d["segment_latency_ms"] == [1.0] and json.loads(json.dumps(d))["class_name"] == "cat"

@@ -151,7 +151,8 @@ def plot(cands: List[Dict], path: Path) -> bool:
     return True
 
 
-def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd: str) -> str:
+def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd: str,
+           bundled: Optional[Dict] = None) -> str:
     L = ["# Choosing the CIFAR-10 student by measured latency", "",
          f"Machine: {machine_line}; onnxruntime, batch 1, {threads} thread(s). Command:", "", f"    {cmd}", "",
          "Candidates are trained with the same schedule; each is exported, profiled on this machine "
@@ -179,6 +180,18 @@ def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd
         env = envelope(chosen["test"]["curve"], np.array([c["full_ms"]]))[0]
         L.append(f"| `{c['name']}` | {c['full_ms']:.3f} | {100 * c['test']['exit_accuracy'][-1]:.2f}% | "
                  + ("none (slower)" if np.isnan(env) else f"{100 * env:.2f}%") + " |")
+    if bundled is not None:
+        acc = " / ".join(f"{100 * a:.1f}" for a in bundled["val"]["exit_accuracy"])
+        L += ["", f"The student trained for the choice, `{bundled['name']}` (val accuracy per exit {acc}; full.onnx "
+              f"{bundled['full_ms']:.3f} ms), against every candidate's static point on the test split:", "",
+              "| static point | full.onnx ms | test acc | this student, best test acc at <= that latency | above? |",
+              "|---|---:|---:|---:|---|"]
+        for c in cands:
+            env = envelope(bundled["test"]["curve"], np.array([c["full_ms"]]))[0]
+            static = c["test"]["exit_accuracy"][-1]
+            L.append(f"| `{c['name']}` | {c['full_ms']:.3f} | {100 * static:.2f}% | "
+                     + ("none (slower)" if np.isnan(env) else f"{100 * env:.2f}%")
+                     + f" | {'yes' if not np.isnan(env) and env > static else 'no'} |")
     L += ["", "Files: `curves.csv` (every 10th threshold and the static points), `choice.json`, `plot.png`."]
     return "\n".join(L) + "\n"
 
@@ -189,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--bundled", help="the student trained for the chosen candidate (CHECKPOINT[:I]): reported "
+                                      "against every candidate's static point, not part of the choice")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
     args = ap.parse_args(argv)
@@ -197,6 +212,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cands = [candidate(c, args.work, args.data, args.threads, args.calls) for c in args.checkpoints]
     choice = choose(cands)
+    bundled = candidate(args.bundled, args.work, args.data, args.threads, args.calls) if args.bundled else None
     cmd = "python scripts/choose_student.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_atomic(args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
         {k: v for k, v in c.items() if k not in ("val", "test")} | {"val_exit_accuracy": c["val"]["exit_accuracy"],
@@ -204,7 +220,7 @@ def main(argv=None) -> int:
         for c in cands]}, indent=2) + "\n")
     write_atomic(args.out / "curves.csv", curves_csv(cands))
     plot(cands, args.out / "plot.png")
-    write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd))
+    write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd, bundled))
     print(f"chosen: {choice['chosen']} ({json.dumps(choice['scores'])}); wrote {args.out}")
     return 0
 

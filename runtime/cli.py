@@ -84,9 +84,9 @@ def expected_latency_line(engine, criterion: str, threshold: float, threads: Opt
         print(f"Warning: {e}", file=err)
         row = None
     if row is None:
-        return (f"expected latency: {prof.cumulative_ms[0]:.3f} to {prof.cumulative_ms[-1]:.3f} ms per image "
+        return (f"expected latency: {prof.cumulative_ms[0]:.3f} to {prof.cumulative_ms[-1]:.3f} ms per image at batch 1 "
                 f"(no validation exit shares at this threshold; run erde-calibrate){full}")
-    return (f"expected latency: {prof.expected_ms(row.exit_shares):.3f} ms per image at this threshold "
+    return (f"expected latency: {prof.expected_ms(row.exit_shares):.3f} ms per image at this threshold, batch 1 "
             f"({prof.machine.describe()}; validation exit shares){full}")
 
 

@@ -280,13 +280,11 @@ class Engine:
         c = int(p.argmax())
         return self._prediction(c, float(p[c]), k, cum_ms, times_ms)
 
-    def _run_single(self, x: np.ndarray, criterion: str, threshold: Optional[float],
-                    leave_at: Optional[int] = None) -> Prediction:
-        """Batch 1 through early_exit.onnx: one call. ``threshold`` None: nobody leaves early;
-        ``leave_at``: leave at that exit whatever the confidence (for latency profiles).
+    def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+                     leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:
+        """One call of early_exit.onnx: (probabilities [1,K], the exit that answered, milliseconds).
 
-        The per-segment split of the time is not observable here: ``segment_latency_ms`` holds
-        the whole call as one entry.
+        ``threshold`` None: nobody leaves early; ``leave_at``: leave at that exit whatever the confidence.
         """
         entropy = criterion == "entropy"
         never, always = (-1.0, 2.0) if entropy else (2.0, -1.0)
@@ -301,22 +299,23 @@ class Engine:
         except Exception as e:
             raise ModelFolderError(f"{self.folder / self._single.file}: onnxruntime failed to run this graph "
                                    f"({_one_line(e)}); re-export the model folder") from None
-        ms = (time.perf_counter() - start) * 1000.0
-        k, p = int(exit_[0]), probs[0]
+        return probs, int(exit_[0]), (time.perf_counter() - start) * 1000.0
+
+    def _run_single(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+                    leave_at: Optional[int] = None) -> Prediction:
+        """Batch 1 through early_exit.onnx. The per-segment split of the time is not observable here:
+        ``segment_latency_ms`` holds the whole call as one entry."""
+        probs, k, ms = self._single_call(x, criterion, threshold, leave_at)
+        p = probs[0]
         c = int(p.argmax())
-        cum = [ms] * (k + 1)
-        return self._prediction(c, float(p[c]), k, cum, [ms])
+        return self._prediction(c, float(p[c]), k, [ms] * (k + 1), [ms])
 
     def single_graph_probs(self, x: np.ndarray, leave_at: int) -> Tuple[np.ndarray, int]:
         """early_exit.onnx forced to answer at exit ``leave_at``: (probabilities [1,K], the exit it reports)."""
         if self._single is None:
             raise ErdeError(f"{self.folder}: this model folder has no early_exit.onnx")
-        t = np.full(max(1, self.num_exits - 1), 2.0, dtype=np.float32)
-        if leave_at < self.num_exits - 1:
-            t[leave_at] = -1.0
-        probs, exit_ = self._single.session.run(self._single.output_names,
-                                                {"image": x, "thresholds": t, "entropy": np.array(False)})
-        return probs, int(exit_[0])
+        probs, k, _ = self._single_call(x, "max-prob", None, leave_at)
+        return probs, k
 
     def time_to_exit(self, x: np.ndarray, k: int) -> float:
         """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""

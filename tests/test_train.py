@@ -31,8 +31,9 @@ def test_revive_resets_a_dead_head():
     assert torch.all(model.heads[0].bn.bias == 0) and torch.all(model.heads[0].bn.weight == 1)
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch):
-    args = ["teacher", "--arch", "tiny_ee", "--data", tiny_data, "--epochs", "2", "--batch-size", "16",
+@pytest.mark.parametrize("arch,recipe", [("tiny_ee", "sgd"), ("air32_ee", "airbench")])
+def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch, arch, recipe):
+    args = ["teacher", "--arch", arch, "--recipe", recipe, "--data", tiny_data, "--epochs", "2", "--batch-size", "16",
             "--val-fraction", "0.25", "--quiet"]
     straight = tmp_path / "straight.pt"
     assert train_cli(args + ["--out", straight]).exit_code == 0
@@ -59,3 +60,4 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(value, b["state_dict"][key], msg=key)
     assert [h["epoch"] for h in b["metrics"]["history"]] == [1, 2]
+    assert ("lookahead" in read_checkpoint(killed)["training_state"]) == (recipe == "airbench")

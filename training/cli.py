@@ -21,8 +21,9 @@ from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
 from .macs import exit_macs
 from .models import list_archs, parse_exits
-from .run import RunOptions, RunSpec, load_train_val, run
-from .train import AMP_MODES, DeviceConfig, TrainConfig
+from .run import RunOptions, RunSpec, load_train_val, run, train_config
+from .recipe import RECIPES
+from .train import AMP_MODES, DeviceConfig
 
 
 
@@ -35,15 +36,19 @@ def _data_options(fn):
         click.option("--exits", default=None,
                      help="Early exits after these 0-based block indices, comma-separated (default: the arch's own); "
                           "move or drop an exit that does not pay for its latency."),
-        click.option("--epochs", default=10, show_default=True, type=int),
-        click.option("--batch-size", default=128, show_default=True, type=int,
+        click.option("--recipe", type=click.Choice(RECIPES), default="sgd", show_default=True,
+                     help="sgd: one-cycle SGD (defaults: 10 epochs, batch 128, lr 0.2, weight decay 5e-4); "
+                          "airbench: the fast recipe of training/recipe.py (defaults: 10 epochs, batch 1024, lr 11.5 "
+                          "and weight decay 0.0153 per 1024 images, label smoothing 0.2). Options below override."),
+        click.option("--epochs", type=int, help="Default: the recipe's."),
+        click.option("--batch-size", type=int,
                      help="Images per step, per process (the global batch is this times the number of processes)."),
-        click.option("--lr", default=0.2, show_default=True, type=float,
-                     help="Peak learning rate for a global batch of 128; scaled linearly with the global batch "
-                          "(peak = LR x batch-size x processes / 128)."),
-        click.option("--weight-decay", default=5e-4, show_default=True, type=float),
-        click.option("--clip-grad", default=5.0, show_default=True, type=float, help="Gradient-norm clip (0: off)."),
-        click.option("--label-smoothing", default=0.0, show_default=True, type=float),
+        click.option("--lr", type=float,
+                     help="sgd: peak learning rate for a global batch of 128, scaled linearly with the global batch "
+                          "(peak = LR x batch-size x processes / 128); airbench: step size per 1024 images."),
+        click.option("--weight-decay", type=float),
+        click.option("--clip-grad", type=float, help="Gradient-norm clip (0: off; default 5)."),
+        click.option("--label-smoothing", type=float),
         click.option("--limit", type=click.IntRange(min=1), help="Train on the first N training images only."),
         click.option("--val-fraction", default=0.1, show_default=True, type=float,
                      help="Share of the training data held out for validation (deterministic, stratified)."),
@@ -92,15 +97,17 @@ def _device_config(device: str, amp: str, sync_bn: bool) -> DeviceConfig:
 @_data_options
 @friendly_errors
 @distributed.errors_from_rank0
-def teacher(arch, data_path, out, exits, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing, limit,
-            val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, dist=None):
+def teacher(arch, data_path, out, exits, recipe, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing,
+            limit, val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, dist=None):
     """Train an early-exit teacher with cross-entropy at every exit.
 
     Under torchrun (torchrun --nproc_per_node N -m erde.training.cli teacher ...) it trains with
     DistributedDataParallel, one process per GPU (or CPU share); rank 0 writes the checkpoint.
     """
     with distributed.same_on_every_rank():
-        tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
+        tcfg, label_smoothing = train_config(recipe, seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                              weight_decay=weight_decay, clip_grad_norm=clip_grad,
+                                              label_smoothing=label_smoothing)
         lcfg = LossConfig("ce", label_smoothing=label_smoothing)
         spec = _spec("teacher", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, None)
         opts = RunOptions(out, resume, force, threads, quiet, _device_config(device, amp, sync_bn), sync_bn)
@@ -136,12 +143,14 @@ def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
 @_data_options
 @friendly_errors
 @distributed.errors_from_rank0
-def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, exits, epochs, batch_size, lr,
-            weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, device, amp, sync_bn,
-            dist_timeout, resume, force, quiet, dist=None):
+def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, exits, recipe, epochs,
+            batch_size, lr, weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, device, amp,
+            sync_bn, dist_timeout, resume, force, quiet, dist=None):
     """Train an early-exit student from a teacher with the ce, kd or erde loss (torchrun: as for teacher)."""
     with distributed.same_on_every_rank():
-        tcfg = TrainConfig(epochs, batch_size, lr, weight_decay=weight_decay, clip_grad_norm=clip_grad, seed=seed)
+        tcfg, label_smoothing = train_config(recipe, seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                              weight_decay=weight_decay, clip_grad_norm=clip_grad,
+                                              label_smoothing=label_smoothing)
         lcfg = LossConfig(loss, alpha, beta, temperature, _parse_weights(exit_weights), label_smoothing)
         spec = _spec("student", arch, exits, data_path, limit, val_fraction, tcfg, lcfg, teacher_path)
         opts = RunOptions(out, resume, force, threads, quiet, _device_config(device, amp, sync_bn), sync_bn)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 from erde.runtime.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
 
+from .recipe import Augment
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -251,17 +253,28 @@ def normalize(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     return (x_u8.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def augment(x: torch.Tensor, flip: bool, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and (optionally) horizontal flip, per image."""
+def augment(x: torch.Tensor, flip, generator: torch.Generator, pad: int = 4, pad_mode: str = "constant") -> torch.Tensor:
+    """Random crop from ``pad`` pixels of padding (zeros or reflected borders), then flips.
+
+    ``flip``: True flips each image at random; a bool mask [N] flips exactly those; False: no flips.
+    """
     n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    padded = F.pad(x, (pad, pad, pad, pad), mode=pad_mode)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        out[mask] = out[mask].flip(3)
+    if isinstance(flip, torch.Tensor):
+        mask = flip
+    else:
+        mask = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    out[mask] = out[mask].flip(3)
     return out
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """airbench's flips: a fixed random half of the images (by ``seed``), all inverted in odd epochs."""
+    base = torch.rand(n, generator=torch.Generator().manual_seed(seed + 7)) < 0.5
+    return base ^ bool(epoch % 2)
 
 
 def batches(
@@ -275,8 +288,12 @@ def batches(
     flip: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    aug: Augment = Augment(),
+    flip_mask: Optional[torch.Tensor] = None,
 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float batches; ``train`` shuffles, augments and drops the last partial batch.
+    """Normalised float batches; ``train`` shuffles, augments (``aug``) and drops the last partial batch.
+
+    ``flip_mask`` [N] (by image index) replaces random flips when given (``alternating_flips``).
 
     With ``world_size`` > 1 each rank takes every world_size-th batch of the same shuffled order,
     so ranks see disjoint data and all ranks make the same number of steps.
@@ -290,5 +307,6 @@ def batches(
         idx = order[start:start + batch_size]
         x = normalize(images[idx], mean, std)
         if train:
-            x = augment(x, flip, generator)
+            x = augment(x, flip and (flip_mask[idx] if flip_mask is not None else True), generator,
+                        aug.pad, aug.pad_mode)
         yield x, labels[idx]

@@ -33,6 +33,8 @@ class ModelConfig:
     input_size: Tuple[int, int] = (32, 32)
     head_dropout: float = 0.5
     widths: Tuple[int, ...] = ()  # channels of stages 1-3 when not (w, 2w, 4w); multiples of 16 suit x86 kernels
+    family: str = "resnet"  # "resnet": CIFAR ResNet of basic blocks; "airnet": airbench-style (training/airnet.py)
+    activation: str = "relu"  # "relu" or "gelu" (airnet only)
 
     @property
     def depth(self) -> int:
@@ -120,32 +122,16 @@ class FinalHead(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class EarlyExitResNet(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        n, widths = cfg.blocks_per_stage, cfg.stage_widths
-        w = widths[0]
-        h, wd = cfg.input_size
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        blocks, shapes, c_in = [], [], w
-        for stage, c in enumerate(widths):
-            for b in range(n):
-                stride = 2 if stage > 0 and b == 0 else 1
-                blocks.append(BasicBlock(c_in, c, stride))
-                c_in = c
-                shapes.append((c, h >> stage, wd >> stage))
-        self.blocks = nn.ModuleList(blocks)
-        bad = [i for i in cfg.exit_after if not 0 <= i < len(blocks) - 1]
-        if bad or list(cfg.exit_after) != sorted(set(cfg.exit_after)):
-            raise ErdeError(f"exit_after={cfg.exit_after}: exits must be increasing block indices below {len(blocks) - 1}")
-        self.heads = nn.ModuleList(
-            ExitHead(shapes[i][0], shapes[i][1:], cfg.num_classes, cfg.head_dropout) for i in cfg.exit_after
-        )
-        self.final = FinalHead(c_in, cfg.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+class EarlyExitNet(nn.Module):
+    """A chain of segments: ``stem``, ``blocks``, one head per early exit (``heads``) and ``final``."""
+
+    cfg: ModelConfig
+
+    def check_exits(self, num_blocks: int) -> None:
+        bad = [i for i in self.cfg.exit_after if not 0 <= i < num_blocks - 1]
+        if bad or list(self.cfg.exit_after) != sorted(set(self.cfg.exit_after)):
+            raise ErdeError(f"exit_after={self.cfg.exit_after}: exits must be increasing block indices below "
+                            f"{num_blocks - 1}")
 
     def segment_bounds(self) -> List[Tuple[int, int]]:
         """Block ranges [start, stop) of each segment, one per exit."""
@@ -171,7 +157,33 @@ class EarlyExitResNet(nn.Module):
         return logits
 
 
-def keep_exits(model: EarlyExitResNet, blocks: Tuple[int, ...]) -> EarlyExitResNet:
+class EarlyExitResNet(EarlyExitNet):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, widths = cfg.blocks_per_stage, cfg.stage_widths
+        w = widths[0]
+        h, wd = cfg.input_size
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+        blocks, shapes, c_in = [], [], w
+        for stage, c in enumerate(widths):
+            for b in range(n):
+                stride = 2 if stage > 0 and b == 0 else 1
+                blocks.append(BasicBlock(c_in, c, stride))
+                c_in = c
+                shapes.append((c, h >> stage, wd >> stage))
+        self.blocks = nn.ModuleList(blocks)
+        self.check_exits(len(blocks))
+        self.heads = nn.ModuleList(
+            ExitHead(shapes[i][0], shapes[i][1:], cfg.num_classes, cfg.head_dropout) for i in cfg.exit_after
+        )
+        self.final = FinalHead(c_in, cfg.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def keep_exits(model: EarlyExitNet, blocks: Tuple[int, ...]) -> EarlyExitNet:
     """The same network with only the early exits after ``blocks`` (a subset of the trained ones).
 
     An exit that does not pay for its latency can be dropped at export without retraining: the
@@ -251,6 +263,24 @@ def tiny_ee(num_classes: int = 10) -> ModelConfig:
     return _resnet("tiny_ee", 2, 4, num_classes)
 
 
+def _airnet(arch: str, widths: Tuple[int, int, int], activation: str, num_classes: int) -> ModelConfig:
+    return ModelConfig(arch=arch, blocks_per_stage=1, num_classes=num_classes, exit_after=(0, 1), widths=widths,
+                       family="airnet", activation=activation)
+
+
+@register
+def air94_ee(num_classes: int = 10) -> ModelConfig:
+    """airbench94's network (64, 256, 256 channels, GELU) with exits after blocks 1 and 2: the teacher."""
+    return _airnet("air94_ee", (64, 256, 256), "gelu", num_classes)
+
+
+@register
+def air32_ee(num_classes: int = 10) -> ModelConfig:
+    """A small airnet (32, 64, 128 channels, ReLU, which onnxruntime fuses into the convolutions): the student.
+    About 6x fewer MACs and 5x less time on an AMD EPYC than air94_ee."""
+    return _airnet("air32_ee", (32, 64, 128), "relu", num_classes)
+
+
 def list_archs() -> List[str]:
     return sorted(_REGISTRY)
 
@@ -269,5 +299,11 @@ def model_config(arch: str, num_classes: int = 10, exit_after: Optional[Tuple[in
     return cfg
 
 
-def build_model(cfg: ModelConfig) -> EarlyExitResNet:
+def build_model(cfg: ModelConfig) -> EarlyExitNet:
+    if cfg.family == "airnet":
+        from .airnet import AirNet
+
+        return AirNet(cfg)
+    if cfg.family != "resnet":
+        raise ErdeError(f"model family {cfg.family!r} is not known to this version of erde; upgrade erde")
     return EarlyExitResNet(cfg)

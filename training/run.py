@@ -7,7 +7,7 @@ field by field on ``--resume``. ``RunOptions`` is how to run it and may change b
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,11 +18,13 @@ from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import Preprocessing
 
 from . import distributed
+from .airnet import init_whitening
 from .checkpoint import CheckpointError, load_model, read_checkpoint
-from .data import Dataset, channel_stats, load_split, to_tensor, train_val_split
+from .data import Dataset, channel_stats, load_split, normalize, to_tensor, train_val_split
 from .losses import LossConfig
 from .macs import exit_macs
 from .models import build_model, model_config
+from .recipe import RECIPE_DEFAULTS
 from .train import DeviceConfig, Hooks, Resume, RunInfo, TrainConfig, TrainData, steps_per_epoch, train
 
 
@@ -58,6 +60,16 @@ class RunOptions:
     quiet: bool = False
     dev: DeviceConfig = DeviceConfig()
     sync_bn: bool = False
+
+
+def train_config(recipe: str, seed: int, **given) -> Tuple[TrainConfig, float]:
+    """The recipe's defaults with the values given (None: the default); returns label smoothing apart,
+    for the loss config."""
+    values = dict(RECIPE_DEFAULTS[recipe])
+    values.update({k: v for k, v in given.items() if v is not None})
+    smoothing = values.pop("label_smoothing")
+    return TrainConfig(int(values.pop("epochs")), int(values.pop("batch_size")), seed=seed, recipe=recipe,
+                       **values), smoothing
 
 
 def load_train_val(path: Path, input_size, val_fraction: float, limit: Optional[int]) -> Tuple[Dataset, Dataset]:
@@ -138,6 +150,8 @@ def run(spec: RunSpec, opts: RunOptions, dist=None) -> None:
         lcfg.weights(cfg.num_exits)  # refuses --exit-weights of the wrong length here, on every rank
         torch.manual_seed(tcfg.seed)  # weight initialisation
         model = build_model(cfg)
+        if cfg.family == "airnet":  # replaced by the stored weights on --resume
+            init_whitening(model, normalize(to_tensor(train_ds)[0][:5000], torch.tensor(mean), torch.tensor(std)))
         resume, history = Resume(), []
         if previous is not None:
             if previous.get("progress", {}).get("world_size", 1) != world:
@@ -145,8 +159,9 @@ def run(spec: RunSpec, opts: RunOptions, dist=None) -> None:
                                 f"resumed with {world}; resume with the same number of processes "
                                 "(torchrun --nproc_per_node/--nnodes), or --force to start over")
             model, _ = load_model(out, previous)
-            resume = Resume(previous["progress"]["epoch"], previous["training_state"].get("optimizer"),
-                            previous["training_state"].get("grad_scaler"))
+            state = previous["training_state"]
+            resume = Resume(previous["progress"]["epoch"], state.get("optimizer"), state.get("grad_scaler"),
+                            state.get("lookahead"))
             history = list(previous.get("metrics", {}).get("history", []))
             log(f"resuming {out} after epoch {resume.start_epoch}/{tcfg.epochs}")
     tx, ty = to_tensor(train_ds)
@@ -162,6 +177,8 @@ def run(spec: RunSpec, opts: RunOptions, dist=None) -> None:
     if world > 1 or dev.device.type != "cpu" or dev.amp != "off":
         log(f"{world} process(es) on {dev.device.type}, amp {dev.amp}, per-process batch {tcfg.batch_size}, "
             f"global batch {tcfg.batch_size * world}, peak lr {tcfg.lr * tcfg.batch_size * world / 128:g}")
+    if cfg.family == "airnet" and not dev.channels_last:
+        dev = replace(dev, channels_last=True)  # 1.6x faster training on an AMD EPYC
     model = dev.place_model(model)
     if teacher is not None:
         teacher = dev.place_model(teacher)

@@ -1,8 +1,8 @@
 """The training loop shared by teacher and student runs.
 
-Recipe: SGD with Nesterov momentum, a one-cycle learning rate (linear warm-up,
-then linear decay to zero), no weight decay on BatchNorm and bias parameters,
-and gradient-norm clipping. Clipping matters: distilling into early-exit heads
+Recipes (``training/recipe.py``): ``sgd``, a one-cycle SGD, or ``airbench``, a fast
+recipe with decoupled hyperparameters and lookahead weight averaging. Both clip
+the gradient norm. Clipping matters: distilling into early-exit heads
 without it let the features under a head's BatchNorm grow without bound and the
 early exits collapse. After every epoch the per-exit validation accuracy is
 measured in eval mode and dead exit heads (nothing passes their ReLU) are
@@ -37,10 +37,11 @@ from torch import nn
 from erde.runtime.errors import ErdeError
 
 from .checkpoint import make_checkpoint, save_checkpoint
-from .data import batches, normalize
+from .data import alternating_flips, batches, normalize
 from .evaluate import dead_exits, exit_probs, per_exit_accuracy
 from .losses import LossConfig, exit_losses
-from .models import EarlyExitResNet
+from .models import EarlyExitNet
+from .recipe import RECIPES, Lookahead, augment_of, lr_factor, make_optimizer, set_lr, set_stem_bias_trainable
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,15 @@ class TrainConfig:
     warmup_fraction: float = 0.2
     clip_grad_norm: float = 5.0  # 0 disables clipping
     seed: int = 0
+    recipe: str = "sgd"  # see training/recipe.py; "airbench" reads lr and weight_decay per 1024 images
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not math.isfinite(self.lr) or self.lr <= 0:
             raise ErdeError(f"need --epochs >= 1, --batch-size >= 1 and a finite --lr > 0 (got {self.lr})")
+        if self.recipe not in RECIPES:
+            raise ErdeError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if not 0 <= self.momentum < 1:
+            raise ErdeError(f"momentum {self.momentum} must be in [0, 1)")
         if not 0 <= self.warmup_fraction < 1:
             raise ErdeError(f"warm-up fraction {self.warmup_fraction} must be in [0, 1)")
 
@@ -71,7 +77,7 @@ class DeviceConfig:
     ``amp``: ``bf16`` or ``fp16`` run forward passes (student and teacher) under autocast;
     ``fp16`` adds a gradient scaler and needs CUDA (the command line also refuses ``bf16`` on
     the CPU, where it is slow). Weights and optimizer stay float32.
-    ``channels_last`` stores images and convolution weights NHWC (faster on GPUs).
+    ``channels_last`` stores images and convolution weights NHWC (faster on GPUs, and for airnet on CPUs).
     """
 
     device: torch.device = torch.device("cpu")
@@ -97,9 +103,8 @@ class DeviceConfig:
         return model.to(self.device)
 
     def place_images(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return x
-        x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -131,11 +136,8 @@ class RunInfo:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, world_size: int = 1) -> float:
-    peak = cfg.lr * cfg.batch_size * world_size / 128
-    warm = max(1, int(total * cfg.warmup_fraction))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * max(0.0, (total - step) / max(1, total - warm))
+    """The ``sgd`` recipe's learning rate at ``step``: its peak follows the global batch."""
+    return cfg.lr * cfg.batch_size * world_size / 128 * lr_factor(step, total, cfg)
 
 
 def steps_per_epoch(num_images: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -149,15 +151,7 @@ def steps_per_epoch(num_images: int, cfg: TrainConfig, world_size: int = 1) -> i
     return steps
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # BatchNorm scales/shifts and biases: no decay
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def revive_heads(model: EarlyExitResNet, exits: List[int]) -> None:
+def revive_heads(model: EarlyExitNet, exits: List[int]) -> None:
     for k in exits:
         bn = model.heads[k].bn
         with torch.no_grad():
@@ -187,10 +181,11 @@ class Resume:
     start_epoch: int = 0
     optimizer_state: Optional[Dict[str, Any]] = None
     scaler_state: Optional[Dict[str, Any]] = None
+    lookahead_state: Optional[Dict[str, Any]] = None
 
 
-def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: LossConfig, info: RunInfo,
-          teacher: Optional[EarlyExitResNet] = None, resume: Resume = Resume(), hooks: Hooks = Hooks(),
+def train(model: EarlyExitNet, data: TrainData, cfg: TrainConfig, loss_cfg: LossConfig, info: RunInfo,
+          teacher: Optional[EarlyExitNet] = None, resume: Resume = Resume(), hooks: Hooks = Hooks(),
           dev: DeviceConfig = DeviceConfig()) -> Dict[str, Any]:
     """Train ``model`` from ``resume.start_epoch`` to ``cfg.epochs``, writing ``info.out`` after each epoch.
 
@@ -200,7 +195,9 @@ def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: L
 
     log, reduce_metrics, sync_buffers = hooks.log, hooks.reduce_metrics, hooks.sync_buffers
     net = hooks.ddp_model or model
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, info.world_size)
+    lookahead = Lookahead(model, resume.lookahead_state) if cfg.recipe == "airbench" else None
+    aug = augment_of(cfg.recipe)
     if resume.optimizer_state:
         opt.load_state_dict(resume.optimizer_state)
     scaler = torch.amp.GradScaler(dev.device.type, enabled=dev.amp == "fp16")
@@ -216,16 +213,19 @@ def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: L
         torch.manual_seed(cfg.seed * 100003 + epoch * 7919 + info.rank)  # dropout
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order and augmentation
         model.train()
+        set_stem_bias_trainable(model, epoch, cfg)
+        flip_mask = alternating_flips(len(data.train_y), cfg.seed, epoch) if aug.alternate_flip else None
         seen = correct = 0
         loss_sum = 0.0
         it = batches(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, gen,
-                     train=True, flip=data.flip, rank=info.rank, world_size=info.world_size)
+                     train=True, flip=data.flip, rank=info.rank, world_size=info.world_size, aug=aug,
+                     flip_mask=flip_mask)
         bar = tqdm(it, total=steps, desc=f"{info.kind} epoch {epoch + 1}/{cfg.epochs}",
                    disable=True if not hooks.progress or info.rank != 0 else None,  # None: only on a terminal
                    leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * steps + i, total, cfg, info.world_size)
+            step = epoch * steps + i
+            set_lr(opt, lr_factor(step, total, cfg))
             x, y = dev.place_images(x), y.to(dev.device, non_blocking=True)
             t_logits = None
             if teacher is not None and loss_cfg.needs_teacher:
@@ -243,6 +243,8 @@ def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: L
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             scaler.step(opt)
             scaler.update()
+            if lookahead is not None:
+                lookahead.step(model, step + 1, total, last=step + 1 == total)
             seen += len(y)
             correct += int((logits[-1].argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
@@ -284,7 +286,7 @@ def train(model: EarlyExitResNet, data: TrainData, cfg: TrainConfig, loss_cfg: L
                 train_args=info.train_args, metrics=metrics,
                 progress={"epoch": epoch + 1, "epochs": cfg.epochs, "finished": epoch + 1 == cfg.epochs,
                           "world_size": info.world_size},
-                training_state=_training_state(opt, scaler),
+                training_state=_training_state(opt, scaler, lookahead),
             ), info.out)
     return metrics
 
@@ -299,9 +301,12 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _training_state(opt: torch.optim.Optimizer, scaler: "torch.amp.GradScaler") -> Dict[str, Any]:
+def _training_state(opt: torch.optim.Optimizer, scaler: "torch.amp.GradScaler",
+                    lookahead: Optional[Lookahead]) -> Dict[str, Any]:
     """What --resume needs, as CPU tensors (a GPU run's checkpoint loads anywhere)."""
     state = {"optimizer": _to_cpu(opt.state_dict())}
+    if lookahead is not None:
+        state["lookahead"] = lookahead.state()
     if scaler.is_enabled():
         state["grad_scaler"] = _to_cpu(scaler.state_dict())
     return state
@@ -312,7 +317,7 @@ def _first_val_batch(data: TrainData) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_val(model: EarlyExitResNet, data: TrainData, reduce_metrics, info: RunInfo,
+def evaluate_val(model: EarlyExitNet, data: TrainData, reduce_metrics, info: RunInfo,
                  dev: DeviceConfig = DeviceConfig()) -> List[float]:
     """Per-exit validation accuracy; with several processes each scores a shard and the counts are summed."""
     shard = slice(info.rank, None, info.world_size)

@@ -1,0 +1,52 @@
+"""The airbench-style network: shapes, exits, frozen whitening, and the whitening itself."""
+
+import pytest
+import torch
+
+from erde.training.airnet import WHITEN_WIDTH, init_whitening
+from erde.training.macs import exit_macs
+from erde.training.models import build_model, keep_exits, model_config
+
+
+def test_shapes_exits_and_segments():
+    model = build_model(model_config("air32_ee")).eval()
+    outs = model(torch.zeros(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(2, 10)] * 3
+    x = torch.zeros(1, 3, 32, 32)
+    shapes = []
+    for k in range(3):
+        x, _ = model.run_segment(k, x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(32, 15, 15), (64, 7, 7), (128, 3, 3)]
+    one = keep_exits(model, (1,))
+    torch.testing.assert_close(one(torch.ones(1, 3, 32, 32))[0], model(torch.ones(1, 3, 32, 32))[1])
+
+
+def test_macs_rise_along_the_exits_and_the_teacher_is_larger():
+    small, large = exit_macs(build_model(model_config("air32_ee"))), exit_macs(build_model(model_config("air94_ee")))
+    assert small.cumulative[0] < small.cumulative[1] < small.cumulative[2]
+    assert large.full > 5 * small.full
+
+
+def test_whitening_weights_are_frozen_and_whiten_the_patches():
+    model = build_model(model_config("air32_ee"))
+    conv = model.stem[0]
+    assert not conv.weight.requires_grad and conv.bias.requires_grad
+    assert all(not m.weight.requires_grad for n, m in model.blocks.named_modules() if n.endswith("norm1"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 32, 32, generator=g)
+    images = images + 0.8 * torch.roll(images, 1, dims=3)  # neighbouring pixels correlate
+    init_whitening(model, images)
+    assert conv.weight.shape[0] == WHITEN_WIDTH
+    out = torch.nn.functional.conv2d(images, conv.weight[:WHITEN_WIDTH // 2])  # the +eigenvector half
+    flat = out.transpose(0, 1).reshape(WHITEN_WIDTH // 2, -1)
+    cov = flat @ flat.T / flat.shape[1]
+    torch.testing.assert_close(cov, torch.eye(WHITEN_WIDTH // 2), atol=0.05, rtol=0)
+    torch.testing.assert_close(conv.weight[WHITEN_WIDTH // 2:], -conv.weight[:WHITEN_WIDTH // 2])
+
+
+def test_exits_are_checked():
+    from erde.runtime.errors import ErdeError
+
+    with pytest.raises(ErdeError, match="exits"):
+        model_config("air32_ee", exit_after=(2,))

@@ -1,0 +1,100 @@
+"""An airbench-style early-exit CNN for 32x32 images (the ``airnet`` family of ``ModelConfig``).
+
+After Keller Jordan's airbench (PyPI ``airbench``): a frozen 2x2 whitening convolution,
+then three blocks of conv-maxpool-BN-act-conv-BN-act (widths w1, w2, w3); the final
+exit is a 3x3 max pool, one Linear without bias and a fixed scale of 1/9. Backbone
+BatchNorms have no learnt scale (only a shift), a fast running average and a tiny eps;
+convolutions start as identities on their first input channels. Early exits are the
+paper's heads (``models.ExitHead``) after chosen blocks.
+
+    x [N,3,32,32] -> stem (whiten 2x2 + act) [N,24,31,31]
+      -> block 0 [N,w1,15,15] -> block 1 [N,w2,7,7] -> block 2 [N,w3,3,3] -> final [N,K]
+
+The whitening weights come from the training images (``init_whitening``) and stay
+frozen; the stem's bias trains for the recipe's first epochs only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import EarlyExitNet, ExitHead, ModelConfig
+
+WHITEN_KERNEL = 2
+WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # each eigenvector of the 2x2x3 patches, with both signs
+
+
+def _act(name: str) -> nn.Module:
+    return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
+
+
+class _Norm(nn.BatchNorm2d):
+    """BatchNorm with a fixed scale of 1 (only the shift learns), running-average momentum 0.4, eps 1e-12."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+def _conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(c_in, c_out)])
+    return conv
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, c_in: int, c_out: int, activation: str):
+        super().__init__()
+        self.conv1, self.pool, self.norm1 = _conv(c_in, c_out), nn.MaxPool2d(2), _Norm(c_out)
+        self.conv2, self.norm2, self.act = _conv(c_out, c_out), _Norm(c_out), _act(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirFinal(nn.Module):
+    def __init__(self, channels: int, num_classes: int, scale: float = 1 / 9):
+        super().__init__()
+        self.pool, self.fc, self.scale = nn.MaxPool2d(3), nn.Linear(channels, num_classes, bias=False), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(x), 1)) * self.scale
+
+
+class AirNet(EarlyExitNet):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = cfg.stage_widths
+        whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
+        whiten.weight.requires_grad_(False)
+        with torch.no_grad():
+            whiten.bias.zero_()
+        self.stem = nn.Sequential(whiten, _act(cfg.activation))
+        h = cfg.input_size[0] - WHITEN_KERNEL + 1
+        blocks, shapes, c_in = [], [], WHITEN_WIDTH
+        for c in widths:
+            blocks.append(ConvGroup(c_in, c, cfg.activation))
+            h, c_in = h // 2, c
+            shapes.append((c, h, h))
+        self.blocks = nn.ModuleList(blocks)
+        self.check_exits(len(blocks))
+        self.heads = nn.ModuleList(
+            ExitHead(shapes[i][0], shapes[i][1:], cfg.num_classes, cfg.head_dropout) for i in cfg.exit_after)
+        self.final = AirFinal(c_in, cfg.num_classes)
+
+
+@torch.no_grad()
+def init_whitening(model: AirNet, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the frozen stem conv to the ZCA-like whitening of the 2x2 patches of ``images`` (normalised [N,3,H,W])."""
+    conv = model.stem[0]
+    k = conv.weight.shape[-1]
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)  # largest first
+    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]))

@@ -34,13 +34,17 @@ def rows_from_results(results: Sequence[Dict]) -> (List[Dict], List[Dict]):
             row = {"method": r["method"], "seed": r.get("seed", 0), "criterion": p["criterion"],
                    "threshold": p["threshold"],
                    "test_accuracy": round(p["accuracy"], 6), "mean_macs": round(p["mean_macs"], 1)}
+            if "mean_ms" in p:
+                row["mean_ms"] = round(p["mean_ms"], 5)
             for k, s in enumerate(p["exit_shares"]):
                 row[f"share_exit_{k + 1}"] = round(s, 6)
             points.append(row)
         for k, (a, m) in enumerate(zip(r["exit_accuracy"], r["cumulative_macs"])):
-            exits.append({"method": r["method"], "seed": r.get("seed", 0), "exit": k + 1,
-                          "test_accuracy": round(a, 6),
-                          "cumulative_macs": int(m), "full_macs": int(r["full_macs"])})
+            row = {"method": r["method"], "seed": r.get("seed", 0), "exit": k + 1, "test_accuracy": round(a, 6),
+                   "cumulative_macs": int(m), "full_macs": int(r["full_macs"])}
+            if "cumulative_ms" in r:
+                row.update(cumulative_ms=round(r["cumulative_ms"][k], 5), full_ms=round(r["full_ms"], 5))
+            exits.append(row)
     return points, exits
 
 
@@ -78,18 +82,42 @@ def over_seeds(rows: List[Dict], key: Sequence[str], values: Sequence[str]) -> L
 
 def point_means(points: List[Dict]) -> List[Dict]:
     """points.csv rows averaged over seeds, one per (method, criterion, threshold)."""
-    return over_seeds(points, ("method", "criterion", "threshold"), ("test_accuracy", "mean_macs"))
+    costs = ("mean_macs", "mean_ms") if points and "mean_ms" in points[0] else ("mean_macs",)
+    return over_seeds(points, ("method", "criterion", "threshold"), ("test_accuracy",) + costs)
 
 
 def exit_means(exits: List[Dict]) -> List[Dict]:
     """exits.csv rows averaged over seeds, one per (method, exit)."""
-    return over_seeds(exits, ("method", "exit"), ("test_accuracy", "cumulative_macs", "full_macs"))
+    ms = ("cumulative_ms", "full_ms") if exits and "full_ms" in exits[0] else ()
+    return over_seeds(exits, ("method", "exit"), ("test_accuracy", "cumulative_macs", "full_macs") + ms)
 
 
-def _curve(points: List[Dict], method: str, criterion: str, value: str = "test_accuracy"):
-    pts = sorted((p["mean_macs"], p[value]) for p in points
-                 if p["method"] == method and p["criterion"] == criterion)
+def _curve(points: List[Dict], method: str, criterion: str, value: str = "test_accuracy", cost: str = "mean_macs"):
+    pts = sorted((p[cost], p[value]) for p in points if p["method"] == method and p["criterion"] == criterion)
     return np.array([m for m, _ in pts]), np.array([a for _, a in pts])
+
+
+BUDGETS = 11  # matched-cost comparisons: evenly spaced budgets over the range both curves cover
+
+
+def _at_budgets(points, a: str, b: str, criterion: str, cost: str) -> List[Dict]:
+    """Both methods' accuracy at BUDGETS evenly spaced costs (linear interpolation of each curve)."""
+    ac, aa = _curve(points, a, criterion, cost=cost)
+    bc, ba = _curve(points, b, criterion, cost=cost)
+    if len(ac) == 0 or len(bc) == 0:
+        return []
+    _, ar = _curve(points, a, criterion, "accuracy_range", cost)
+    _, br = _curve(points, b, criterion, "accuracy_range", cost)
+    lo, hi = max(ac[0], bc[0]), min(ac[-1], bc[-1])
+    if hi < lo:
+        return []
+    out = []
+    for c in np.linspace(lo, hi, BUDGETS):
+        va, vb = float(np.interp(c, ac, aa)), float(np.interp(c, bc, ba))
+        noise = max(float(np.interp(c, ac, ar)), float(np.interp(c, bc, br)))
+        out.append({cost: float(c), a: va, b: vb, "difference": va - vb, "seed_range": noise,
+                    "verdict": _verdict(va - vb, noise)})
+    return out
 
 
 def _verdict(difference: float, noise: float) -> int:
@@ -137,6 +165,16 @@ def summarize(points: List[Dict], exits: List[Dict]) -> Dict:
     t_acc, t_macs = teacher_final["test_accuracy"], teacher_final["full_macs"]
     s = {"teacher_final_accuracy": t_acc, "teacher_full_macs": t_macs, "seeds_per_method": seeds,
          "comparisons": {}}
+    has_ms = "full_ms" in teacher_final
+    if has_ms:
+        s["teacher_full_ms"] = teacher_final["full_ms"]
+        s["matched_latency"] = {}
+        for a, b in (("erde", "kd"), ("erde", "ce"), ("erde", "erde_beta0"), ("kd", "ce")):
+            rows = _at_budgets(points, a, b, "max-prob", "mean_ms")
+            s["matched_latency"][f"{a} vs {b} (max-prob)"] = {
+                "budgets": rows, "wins": sum(r["verdict"] > 0 for r in rows),
+                "ties": sum(r["verdict"] == 0 for r in rows), "losses": sum(r["verdict"] < 0 for r in rows),
+                "not_worse": sum(r["verdict"] >= 0 for r in rows)}
     for a, b in (("erde", "kd"), ("erde", "ce"), ("erde", "erde_beta0"), ("kd", "ce")):
         for criterion in ("max-prob", "entropy"):
             per_t = _per_threshold(points, a, b, criterion)
@@ -153,20 +191,28 @@ def summarize(points: List[Dict], exits: List[Dict]) -> Dict:
                 "mean_difference_at_matched_macs": (float(np.mean([r["difference"] for r in matched]))
                                                     if matched else None),
             }
+    s["largest_mac_reduction_within_1_point"] = _largest_reduction(points, t_acc, "mean_macs", t_macs)
+    if has_ms:
+        s["largest_latency_reduction_within_1_point"] = _largest_reduction(points, t_acc, "mean_ms",
+                                                                           teacher_final["full_ms"])
+    return s
+
+
+def _largest_reduction(points: List[Dict], t_acc: float, cost: str, teacher_cost: float) -> Dict:
+    """Per method (the teacher's own exits too): the cheapest point within 1 point of the teacher's final exit."""
     best = {}
-    for method in STUDENTS:
+    for method in ("teacher",) + STUDENTS:
         ok = [p for p in points if p["method"] == method and p["test_accuracy"] >= t_acc - WITHIN]
-        pick = min(ok, key=lambda p: p["mean_macs"]) if ok else None
+        pick = min(ok, key=lambda p: p[cost]) if ok else None
         top = max((p for p in points if p["method"] == method), key=lambda p: p["test_accuracy"], default=None)
         best[method] = {
             "within_1_point": pick is not None,
-            "mac_reduction_vs_teacher": (t_macs / pick["mean_macs"]) if pick else None,
+            "reduction_vs_teacher": (teacher_cost / pick[cost]) if pick else None,
             "point": pick,
             "best_accuracy": top["test_accuracy"] if top else None,
             "best_accuracy_point": top,
         }
-    s["largest_mac_reduction_within_1_point"] = best
-    return s
+    return best
 
 
 def _pct(v: Optional[float]) -> str:
@@ -220,16 +266,22 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
     lines += ["", f"Teacher final exit: {_pct(s['teacher_final_accuracy'])} at "
               f"{s['teacher_full_macs'] / 1e6:.2f}M MACs (static network).", "",
               "## Largest MAC reduction against the teacher within 1 point of its final-exit accuracy", ""]
-    for method, r in s["largest_mac_reduction_within_1_point"].items():
-        if r["within_1_point"]:
-            p = r["point"]
-            lines.append(f"- {method}: **{r['mac_reduction_vs_teacher']:.2f}x** fewer MACs "
-                         f"({p['criterion']} t={p['threshold']:g}: {_pct(p['test_accuracy'])}, "
-                         f"{p['mean_macs'] / 1e6:.2f}M MACs)")
-        else:
-            p = r["best_accuracy_point"]
-            lines.append(f"- {method}: never within 1 point of the teacher; its best is {_pct(r['best_accuracy'])} "
-                         f"({p['criterion']} t={p['threshold']:g}, {p['mean_macs'] / 1e6:.2f}M MACs)")
+    lines += _reduction_lines(s["largest_mac_reduction_within_1_point"], "mean_macs", "fewer MACs",
+                              lambda v: f"{v / 1e6:.2f}M MACs")
+    if "teacher_full_ms" in s:
+        lines += ["", "## Largest latency reduction against the teacher's full.onnx within 1 point of its final exit",
+                  "", f"Expected milliseconds per image from each model's latency profile (batch 1, "
+                  f"{meta.get('profile_threads', 1)} thread(s), this machine) and the exit shares on the test split. "
+                  f"Teacher full.onnx: {s['teacher_full_ms']:.3f} ms.", ""]
+        lines += _reduction_lines(s["largest_latency_reduction_within_1_point"], "mean_ms", "less time",
+                                  lambda v: f"{v:.3f} ms")
+        lines += ["", f"## ERDE against the baselines at {BUDGETS} matched latency budgets (max-prob)", "",
+                  "Each method's mean curve (over seeds) is interpolated at evenly spaced expected latencies over the "
+                  "range both curves cover; a difference within the seed-to-seed range is a tie.", "",
+                  "| comparison | wins | ties | losses | not worse |", "|---|---|---|---|---|"]
+        for name, c in s["matched_latency"].items():
+            lines.append(f"| {name} | {c['wins']} | {c['ties']} | {c['losses']} | {c['not_worse']} of "
+                         f"{len(c['budgets'])} |")
     lines += ["", "## ERDE against the baselines", "",
               "| comparison | wins / ties / losses at the same threshold | wins / ties / losses at matched MACs | "
               "mean accuracy difference at matched MACs |", "|---|---|---|---|"]
@@ -258,6 +310,20 @@ def summary_markdown(s: Dict, exits: List[Dict], meta: Dict) -> str:
     return "\n".join(lines)
 
 
+def _reduction_lines(best: Dict, cost: str, unit: str, fmt) -> List[str]:
+    lines = []
+    for method, r in best.items():
+        if r["within_1_point"]:
+            p = r["point"]
+            lines.append(f"- {method}: **{r['reduction_vs_teacher']:.2f}x** {unit} "
+                         f"({p['criterion']} t={p['threshold']:g}: {_pct(p['test_accuracy'])}, {fmt(p[cost])})")
+        else:
+            p = r["best_accuracy_point"]
+            lines.append(f"- {method}: never within 1 point of the teacher; its best is {_pct(r['best_accuracy'])} "
+                         f"({p['criterion']} t={p['threshold']:g}, {fmt(p[cost])})")
+    return lines
+
+
 def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -269,28 +335,40 @@ def plot(points: List[Dict], exits: List[Dict], path: Path) -> bool:
     points = point_means(points)
     t = max((e for e in exits if e["method"] == "teacher"), key=lambda e: e["exit"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    # Left: everything; right: the students' MAC range, where their curves crowd together.
-    for ax, methods in ((axes[0], ("teacher",) + STUDENTS), (axes[1], STUDENTS)):
+    if "mean_ms" in points[0]:  # latency first, MACs beside
+        panels = ((axes[0], ("teacher",) + STUDENTS, "mean_ms", 1.0, "expected latency per image (ms, batch 1)"),
+                  (axes[1], ("teacher",) + STUDENTS, "mean_macs", 1e6, "mean MACs per image (millions)"))
+    else:  # right: the students' MAC range, where their curves crowd together
+        panels = ((axes[0], ("teacher",) + STUDENTS, "mean_macs", 1e6, "mean MACs per image (millions)"),
+                  (axes[1], STUDENTS, "mean_macs", 1e6, "mean MACs per image (millions)"))
+    for ax, methods, cost, scale, label in panels:
         for method in methods:
             style = {"teacher": "k-", "erde": "C0-", "kd": "C1-", "ce": "C2-", "erde_beta0": "C3--"}[method]
-            m, a = _curve(points, method, "max-prob")
-            _, r = _curve(points, method, "max-prob", "accuracy_range")
+            m, a = _curve(points, method, "max-prob", cost=cost)
+            _, r = _curve(points, method, "max-prob", "accuracy_range", cost)
             if len(m):
-                ax.plot(m / 1e6, a * 100, style, marker="o", ms=3, label=method)
+                ax.plot(m / scale, a * 100, style, marker="o", ms=3, label=method)
                 if r.any():  # several seeds: shade mean +- half the range
-                    ax.fill_between(m / 1e6, (a - r / 2) * 100, (a + r / 2) * 100, color=style[:2], alpha=0.15,
+                    ax.fill_between(m / scale, (a - r / 2) * 100, (a + r / 2) * 100, color=style[:2], alpha=0.15,
                                     lw=0)
-        ax.set_xlabel("mean MACs per image (millions)")
+        ax.set_xlabel(label)
         ax.set_ylabel("CIFAR-10 test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
-    axes[0].set_title("Accuracy against MACs, max-prob sweep (mean over seeds)")
-    axes[0].legend()
-    axes[1].set_title("Students only (shade: seed range)")
-    axes[1].legend()
+        ax.axhline(t["test_accuracy"] * 100 - 1, color="gray", lw=0.8, ls=":", label="teacher final exit - 1 point")
+        ax.set_title("max-prob sweep, mean over seeds (shade: seed range)")
+        ax.legend()
     fig.tight_layout()
     write_atomic(path, figure_png(fig, dpi=120))
     return True
+
+
+def _write_claims(folder: Path, meta: Dict) -> Dict:
+    points, exits = read_csv(folder / POINTS_CSV), read_csv(folder / EXITS_CSV)  # claims come from the CSVs
+    s = summarize(points, exits)
+    write_atomic(folder / SUMMARY_JSON, json.dumps({"summary": s, "meta": meta}, indent=2))
+    write_atomic(folder / "README.md", summary_markdown(s, exits, meta))
+    plot(points, exits, folder / "plot.png")
+    return s
 
 
 def write_report(folder: Path, results: Sequence[Dict], meta: Dict) -> Dict:
@@ -298,9 +376,18 @@ def write_report(folder: Path, results: Sequence[Dict], meta: Dict) -> Dict:
     points, exits = rows_from_results(results)
     write_atomic(folder / POINTS_CSV, to_csv(points))
     write_atomic(folder / EXITS_CSV, to_csv(exits))
-    points, exits = read_csv(folder / POINTS_CSV), read_csv(folder / EXITS_CSV)  # claims come from the CSVs
-    s = summarize(points, exits)
-    write_atomic(folder / SUMMARY_JSON, json.dumps({"summary": s, "meta": meta}, indent=2))
-    write_atomic(folder / "README.md", summary_markdown(s, exits, meta))
-    plot(points, exits, folder / "plot.png")
-    return s
+    return _write_claims(folder, meta)
+
+
+def regenerate(folder: Path) -> Dict:
+    """Summary, README and plot again from a results folder's CSVs and the run facts kept in summary.json."""
+    meta = json.loads((folder / SUMMARY_JSON).read_text())["meta"]
+    return _write_claims(folder, meta)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        regenerate(Path(arg))
+        print(f"regenerated {arg} from its CSVs")

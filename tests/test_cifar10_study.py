@@ -48,18 +48,32 @@ def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
 
     from erde.runtime.errors import ErdeError
 
+    step = study.Step("teacher", "resnet32_ee", 10, 0, "sgd")
     ckpt = tmp_path / "teacher.pt"
-    assert not study._finished(ckpt, "resnet32_ee", 10, 0)
-    run = {"progress": {"finished": False}, "train_args": {"arch": "resnet32_ee", "train": {"epochs": 10, "seed": 0}},
+    assert not study._finished(ckpt, step.args())
+    run = {"progress": {"finished": False}, "train_args": dict(step.args(), data="/x", teacher=None),
            "metrics": {"history": [{"epoch_seconds": 1.5}, {"epoch_seconds": 2.0}]}}
     torch.save(run, ckpt)
-    assert not study._finished(ckpt, "resnet32_ee", 10, 0)  # unfinished: the step resumes it
+    assert not study._finished(ckpt, step.args())  # unfinished: the step resumes it
     run["progress"]["finished"] = True
     torch.save(run, ckpt)
-    assert study._finished(ckpt, "resnet32_ee", 10, 0)
-    with pytest.raises(ErdeError, match="another --work"):
-        study._finished(ckpt, "resnet32_ee", 8, 0)
+    assert study._finished(ckpt, step.args())
+    with pytest.raises(ErdeError, match="train differ"):
+        study._finished(ckpt, study.Step("teacher", "resnet32_ee", 8, 0, "sgd").args())
     assert study.train_seconds(ckpt) == 3.5
+
+
+def test_step_args_are_what_erde_train_stores(tiny_teacher, tiny_student):
+    import torch
+
+    from study_checkpoints import defining_args
+
+    stored = torch.load(tiny_teacher, weights_only=True)["train_args"]
+    want = study.Step("teacher", "tiny_ee", 2, 0, "sgd").args()
+    assert defining_args(stored) == dict(want, val_fraction=0.25, train=dict(want["train"], batch_size=16))
+    stored = torch.load(tiny_student, weights_only=True)["train_args"]
+    want = study.Step("student", "tiny_ee", 2, 0, "sgd", "erde", 1.0, 0.5, 4.0).args()
+    assert defining_args(stored) == dict(want, val_fraction=0.25, train=dict(want["train"], batch_size=16))
 
 
 def test_seed_list_and_student_names(capsys):

@@ -62,3 +62,16 @@ def test_alternating_flips_invert_every_other_epoch():
     out = augment(x, torch.tensor([True, False]), torch.Generator().manual_seed(0), pad=0)
     torch.testing.assert_close(out[0], x[0].flip(2))
     torch.testing.assert_close(out[1], x[1])
+
+
+def test_the_whitening_bias_stops_learning_after_three_epochs():
+    from erde.training.recipe import freeze_stem_bias
+
+    model = build_model(model_config("air32_ee"))
+    cfg, _ = train_config("airbench", 0)
+    for epoch, kept in ((2, True), (3, False)):
+        model.zero_grad()
+        sum(o.sum() for o in model(torch.randn(2, 3, 32, 32))).backward()
+        freeze_stem_bias(model, epoch, cfg)
+        assert (model.stem[0].bias.grad is not None) == kept
+        assert model.blocks[0].norm1.bias.grad is not None

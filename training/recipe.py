@@ -126,9 +126,12 @@ class Lookahead:
         return {k: v.detach().cpu().clone() for k, v in self.average.items()}
 
 
-def set_stem_bias_trainable(model: nn.Module, epoch: int, cfg) -> None:
-    """airbench: the whitening layer's bias trains for the first epochs, then freezes."""
+def freeze_stem_bias(model: nn.Module, epoch: int, cfg) -> None:
+    """airbench: the whitening layer's bias trains for the first epochs only. Call after backward: dropping
+    the gradient (SGD then skips the tensor) rather than switching requires_grad keeps DDP's buckets valid."""
     stem = getattr(model, "stem", None)
-    if cfg.recipe == "airbench" and stem is not None and getattr(stem[0], "bias", None) is not None \
-            and not stem[0].weight.requires_grad:
-        stem[0].bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
+    if cfg.recipe != "airbench" or epoch < WHITEN_BIAS_EPOCHS or stem is None:
+        return
+    conv = stem[0]
+    if isinstance(conv, nn.Conv2d) and conv.bias is not None and not conv.weight.requires_grad:
+        conv.bias.grad = None

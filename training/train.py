@@ -41,7 +41,7 @@ from .data import alternating_flips, batches, normalize
 from .evaluate import dead_exits, exit_probs, per_exit_accuracy
 from .losses import LossConfig, exit_losses
 from .models import EarlyExitNet
-from .recipe import RECIPES, Lookahead, augment_of, lr_factor, make_optimizer, set_lr, set_stem_bias_trainable
+from .recipe import RECIPES, Lookahead, augment_of, freeze_stem_bias, lr_factor, make_optimizer, set_lr
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,6 @@ def train(model: EarlyExitNet, data: TrainData, cfg: TrainConfig, loss_cfg: Loss
         torch.manual_seed(cfg.seed * 100003 + epoch * 7919 + info.rank)  # dropout
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order and augmentation
         model.train()
-        set_stem_bias_trainable(model, epoch, cfg)
         flip_mask = alternating_flips(len(data.train_y), cfg.seed, epoch) if aug.alternate_flip else None
         seen = correct = 0
         loss_sum = 0.0
@@ -238,6 +237,7 @@ def train(model: EarlyExitNet, data: TrainData, cfg: TrainConfig, loss_cfg: Loss
                 raise ErdeError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            freeze_stem_bias(model, epoch, cfg)
             if cfg.clip_grad_norm > 0:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)

@@ -55,6 +55,7 @@ class Budget:
     recipe: str = "sgd"  # erde-train --recipe
     results: str = "cifar10"  # folder under benchmarks/results
     seeds: Tuple[int, ...] = (0,)  # student seeds when --seeds is not given
+    batch_size: Optional[int] = None  # None: the recipe's
 
 
 BUDGETS: Dict[str, Budget] = {
@@ -89,13 +90,14 @@ class Step:
     beta: float = 0.0
     temperature: float = 4.0
     limit: Optional[int] = None
+    batch_size: Optional[int] = None  # None: the recipe's
 
     def args(self) -> Dict:
         """The defining train_args erde-train will store (see study_checkpoints.DEFINING)."""
         from erde.training.losses import LossConfig
         from erde.training.run import train_config
 
-        tcfg, smoothing = train_config(self.recipe, self.seed, epochs=self.epochs)
+        tcfg, smoothing = train_config(self.recipe, self.seed, epochs=self.epochs, batch_size=self.batch_size)
         if self.kind == "teacher":
             lcfg = LossConfig("ce", label_smoothing=smoothing)
         else:
@@ -111,6 +113,8 @@ class Step:
                     "--temperature", self.temperature]
         if self.limit:
             cmd += ["--limit", self.limit]
+        if self.batch_size:
+            cmd += ["--batch-size", self.batch_size]
         return cmd
 
 
@@ -211,7 +215,7 @@ def choose_beta(budget: Budget, work: Path, data: Path, teacher: Path, results: 
         out = work / "tune" / f"erde_beta{beta:g}.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         step = Step("student", budget.student_arch, budget.tune_epochs, budget.seed, budget.recipe, "erde",
-                    budget.alpha, beta, budget.temperature, budget.tune_limit)
+                    budget.alpha, beta, budget.temperature, budget.tune_limit, budget.batch_size)
         train_step(step, out, data, teacher)
         r = evaluate_checkpoint(out, data, "val", ["max-prob"], ",".join(map(str, THRESHOLDS["max-prob"])))
         curves[beta] = [(p["mean_macs"], p["accuracy"]) for p in r["sweeps"]["max-prob"]]
@@ -292,7 +296,8 @@ def run_study(args, command: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     store = CommittedCheckpoints(results / "checkpoints", _log)
     timings = Timings(work / "timings.json")
-    t_step = Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe)
+    t_step = Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe,
+                  batch_size=budget.batch_size)
     found: Dict[str, Path] = {}
     timings.run("train teacher", lambda: found.update(teacher=obtain(store, work, "teacher", t_step, data, None)))
     teacher = found["teacher"]
@@ -307,7 +312,7 @@ def run_study(args, command: str) -> None:
         for method, (loss, beta) in betas.items():
             stem = student_name(method, seed, budget)
             step = Step("student", budget.student_arch, budget.student_epochs, seed, budget.recipe, loss,
-                        budget.alpha, beta, budget.temperature)
+                        budget.alpha, beta, budget.temperature, batch_size=budget.batch_size)
             timings.run(f"train student {stem}", lambda n=f"student_{stem}", st=step: found.update(
                 {n: obtain(store, work, n, st, data, teacher)}))
             models[stem] = (method, seed, found[f"student_{stem}"])

@@ -85,3 +85,33 @@ def test_seed_list_and_student_names(capsys):
         assert study.main(["--seeds", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("Error: argument --seeds") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_the_whole_study_then_a_fresh_work_folder_reuses_the_committed_checkpoints(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    tiny = study.Budget("tiny_ee", "tiny_ee", teacher_epochs=1, student_epochs=1, tune_epochs=1, tune_limit=64,
+                        beta_grid=(0.5,), results="x", seeds=(0,), batch_size=16)
+    monkeypatch.setitem(study.BUDGETS, "tiny", tiny)
+    monkeypatch.setattr(study, "latency_profile", lambda d, t: _fake_profile(d))
+    results = tmp_path / "results"
+    args = ["--data", str(tiny_data), "--budget", "tiny", "--results", str(results), "--threads", "1"]
+    assert study.main(args + ["--work", str(tmp_path / "w1")]) == 0
+    index = json.loads((results / "checkpoints" / "checkpoints.json").read_text())
+    assert sorted(index) == ["student_ce", "student_erde", "student_erde_beta0", "student_kd", "teacher"]
+    first = (results / "summary.json").read_text()
+    capsys.readouterr()
+    assert study.main(args + ["--work", str(tmp_path / "w2")]) == 0  # a fresh clone: nothing trains again
+    out = capsys.readouterr().out
+    assert out.count("reusing committed") == 5 and "erde-train teacher" not in out and "erde-train student" not in out
+    assert json.loads((results / "summary.json").read_text())["summary"] == json.loads(first)["summary"]
+
+
+def _fake_profile(model_dir):
+    """A made-up latency profile (timing is not what this test checks): 1 ms per segment."""
+    from erde.runtime.manifest import load_manifest
+    from erde.runtime.profile import LatencyProfile, MachineKey, model_sha256
+
+    m = load_manifest(model_dir)
+    return LatencyProfile(MachineKey("test cpu", 2, 1, "0"), model_sha256(m), tuple(1.0 for _ in m.segments),
+                          float(len(m.segments)), 0.0, 1, "now")

@@ -63,8 +63,8 @@ BUDGETS: Dict[str, Budget] = {
     "cpu": Budget("resnet32_ee", "resnet20_w8_ee", teacher_epochs=10, student_epochs=8, tune_epochs=3,
                   tune_limit=10000, beta_grid=(0.25, 0.5, 1.0)),
     # Study v2: the airbench recipe; teacher about 35 minutes, each distilled student about 12, on 2 CPU cores.
-    "airbench": Budget("air94_ee", "air32_ee", teacher_epochs=15, student_epochs=10, tune_epochs=4,
-                       tune_limit=20000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v2",
+    "airbench": Budget("air94_ee", "air32_ee", teacher_epochs=15, student_epochs=10, tune_epochs=3,
+                       tune_limit=45000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v2",
                        seeds=(0, 1)),
     # A paper-length schedule, for a GPU (erde-train --device cuda).
     "full": Budget("resnet56_ee", "resnet20_ee", teacher_epochs=160, student_epochs=160, tune_epochs=30,

@@ -49,18 +49,23 @@ def test_split_exit_probs(model_dir: Path, images: List[Path], threads: int) -> 
     return probs
 
 
-def latency_profile(model_dir: Path, threads: int):
-    """The model's latency profile for this machine at ``threads``: the stored one, or measured now and stored."""
-    from erde.runtime.engine import Engine
+def latency_profile(model_dir: Path, threads: int, calls: int = 1000):
+    """The model's latency profile for this machine at ``threads``: the stored one, or measured now (erde-profile
+    in a fresh process: one process holds one onnxruntime pool size) and stored."""
+    import sys
+
     from erde.runtime.manifest import load_manifest
-    from erde.runtime.profile import ProfileError, find_profile, measure, save_profile
+    from erde.runtime.profile import ProfileError, find_profile
 
     try:
         return find_profile(model_dir, load_manifest(model_dir), threads)
     except ProfileError:
-        profile = measure(Engine.load(model_dir, threads=threads), calls=1000)
-        save_profile(model_dir, profile)
-        return profile
+        pass
+    r = subprocess.run([sys.executable, "-m", "erde.runtime.profile_cli", str(model_dir), "--threads", str(threads),
+                        "--calls", str(calls)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ErdeError(f"erde-profile {model_dir} --threads {threads} failed: {r.stderr.strip()}")
+    return find_profile(model_dir, load_manifest(model_dir), threads)
 
 
 def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], cache: Path,

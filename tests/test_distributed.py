@@ -142,7 +142,7 @@ def _model_without_batchnorm() -> nn.Module:
 
 
 def _train_without_bn(batch_size: int, out: Path, ctx=None) -> None:
-    data_mod.augment = lambda x, flip, generator, pad=4: x  # no random augmentation
+    data_mod.augment = lambda x, flip, generator, pad=4, pad_mode="constant": x  # no random augmentation
     model = _model_without_batchnorm()
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     info = RunInfo("teacher", ["a", "b", "c"], {}, {}, str(out), rank, world)

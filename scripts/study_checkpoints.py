@@ -10,26 +10,18 @@ which one differs and trains the step again. Nothing is reused silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from erde.export.exporter import sha256_file as sha256
 from erde.runtime.files import write_json_atomic
 
 INDEX = "checkpoints.json"
 # train_args that define a run; data and teacher are paths of the machine that trained it.
 DEFINING = ("kind", "arch", "exits", "limit", "val_fraction", "train", "loss")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def defining_args(train_args: Dict[str, Any]) -> Dict[str, Any]:

@@ -60,3 +60,11 @@ def test_exit_head_is_bn_relu_pool_dropout_linear():
     kinds = [type(m).__name__ for m in head.children()]
     assert kinds == ["BatchNorm2d", "AvgPool2d", "Dropout", "Linear"]  # ReLU is functional, between bn and pool
     assert head.drop.p == 0.5 and head.pool.kernel_size == 2
+
+
+def test_exits_none_is_a_static_network():
+    from erde.training.models import parse_exits
+
+    assert parse_exits("none") == ()
+    model = build_model(model_config("air32_ee", exit_after=parse_exits("none")))
+    assert len(model(torch.zeros(1, 3, 32, 32))) == 1

@@ -35,7 +35,7 @@ def _data_options(fn):
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (.pt)."),
         click.option("--exits", default=None,
                      help="Early exits after these 0-based block indices, comma-separated (default: the arch's own); "
-                          "move or drop an exit that does not pay for its latency."),
+                          "move or drop an exit that does not pay for its latency; 'none': no early exit."),
         click.option("--recipe", type=click.Choice(RECIPES), default="sgd", show_default=True,
                      help="sgd: one-cycle SGD (defaults: 10 epochs, batch 128, lr 0.2, weight decay 5e-4); "
                           "airbench: the fast recipe of training/recipe.py (defaults: 10 epochs, batch 1024, lr 11.5 "

@@ -71,7 +71,10 @@ def default_exits(n: int) -> Tuple[int, ...]:
 
 
 def parse_exits(text: str) -> Tuple[int, ...]:
-    """``--exits 1,3`` -> (1, 3): early exits after these 0-based block indices (checked by the model)."""
+    """``--exits 1,3`` -> (1, 3): early exits after these 0-based block indices (checked by the model);
+    ``--exits none`` -> (): no early exit, a static network."""
+    if text.strip().lower() == "none":
+        return ()
     try:
         exits = tuple(int(v) for v in text.split(","))
     except ValueError:

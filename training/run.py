@@ -41,7 +41,7 @@ class RunSpec:
     teacher: Optional[str]  # the teacher checkpoint, resolved
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "arch": self.arch, "exits": list(self.exits) if self.exits else None,
+        return {"kind": self.kind, "arch": self.arch, "exits": list(self.exits) if self.exits is not None else None,
                 "data": self.data, "limit": self.limit, "val_fraction": self.val_fraction,
                 "train": asdict(self.train), "loss": self.loss.to_dict(), "teacher": self.teacher}
 

@@ -28,6 +28,12 @@ def test_macs_rise_along_the_exits_and_the_teacher_is_larger():
     assert large.full > 5 * small.full
 
 
+def test_the_wide_student_keeps_the_first_block_and_puts_its_macs_after_the_first_exit():
+    narrow, wide = exit_macs(build_model(model_config("air32_ee"))), exit_macs(build_model(model_config("air32w_ee")))
+    assert wide.cumulative[0] == narrow.cumulative[0]  # the same first block and exit head
+    assert wide.cumulative[0] / wide.full < 0.25 < narrow.cumulative[0] / narrow.full
+
+
 def test_whitening_weights_are_frozen_and_whiten_the_patches():
     model = build_model(model_config("air32_ee"))
     conv = model.stem[0]

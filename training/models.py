@@ -284,6 +284,13 @@ def air32_ee(num_classes: int = 10) -> ModelConfig:
     return _airnet("air32_ee", (32, 64, 128), "relu", num_classes)
 
 
+@register
+def air32w_ee(num_classes: int = 10) -> ModelConfig:
+    """air32_ee's first block with wide later blocks (32, 128, 256 channels, ReLU): its first exit costs about a
+    quarter of its time on an AMD EPYC (air32_ee's: over half), so early exits can pay in milliseconds."""
+    return _airnet("air32w_ee", (32, 128, 256), "relu", num_classes)
+
+
 def list_archs() -> List[str]:
     return sorted(_REGISTRY)
 

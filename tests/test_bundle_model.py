@@ -42,7 +42,8 @@ def test_the_bundled_model_is_calibrated_and_carries_its_test_metrics():
     assert 0 < m.metrics["test_macs_fraction_calibrated"] < 1
     assert m.metrics["test_images"] == 10000 and 0.1 < m.metrics["test_accuracy_calibrated"] <= 1
     size = sum(p.stat().st_size for p in bundle_model.BUNDLED.iterdir())
-    assert size < 5_000_000, "the bundled model should stay a few MB at most"
+    # air32w_ee: 1.1 M float32 weights, stored twice (the segments and full.onnx)
+    assert size < 10_000_000, "the bundled model should stay under 10 MB"
     engine = Engine.load(bundle_model.BUNDLED, threads=1, shared_pool=False)  # every sha256 checks out
     (p,) = engine.predict([bundle_model.SAMPLES / "ship.png"])
     assert p.class_name in m.class_names

@@ -56,6 +56,7 @@ class Budget:
     results: str = "cifar10"  # folder under benchmarks/results
     seeds: Tuple[int, ...] = (0,)  # student seeds when --seeds is not given
     batch_size: Optional[int] = None  # None: the recipe's
+    teacher_results: Optional[str] = None  # another study's results folder whose committed teacher this one shares
 
 
 BUDGETS: Dict[str, Budget] = {
@@ -66,6 +67,10 @@ BUDGETS: Dict[str, Budget] = {
     "airbench": Budget("air94_ee", "air32_ee", teacher_epochs=15, student_epochs=10, tune_epochs=3,
                        tune_limit=45000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v2",
                        seeds=(0, 1)),
+    # Study v3: v2's teacher; the student chosen by measured latency (student-choice-v3), each about 12 minutes.
+    "airbench-wide": Budget("air94_ee", "air32w_ee", teacher_epochs=15, student_epochs=10, tune_epochs=3,
+                            tune_limit=45000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v3",
+                            seeds=(0, 1), teacher_results="cifar10-v2"),
     # A paper-length schedule, for a GPU (erde-train --device cuda).
     "full": Budget("resnet56_ee", "resnet20_ee", teacher_epochs=160, student_epochs=160, tune_epochs=30,
                    tune_limit=45000, beta_grid=(0.1, 0.25, 0.5, 1.0, 2.0)),
@@ -295,11 +300,13 @@ def run_study(args, command: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     store = CommittedCheckpoints(results / "checkpoints", _log)
+    teacher_store = (CommittedCheckpoints(REPO / "benchmarks" / "results" / budget.teacher_results / "checkpoints", _log)
+                     if budget.teacher_results else store)
     timings = Timings(work / "timings.json")
     t_step = Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe,
                   batch_size=budget.batch_size)
     found: Dict[str, Path] = {}
-    timings.run("train teacher", lambda: found.update(teacher=obtain(store, work, "teacher", t_step, data, None)))
+    timings.run("train teacher", lambda: found.update(teacher=obtain(teacher_store, work, "teacher", t_step, data, None)))
     teacher = found["teacher"]
     choice = {}
     timings.run("choose beta (validation)",

@@ -76,6 +76,18 @@ def test_step_args_are_what_erde_train_stores(tiny_teacher, tiny_student):
     assert defining_args(stored) == dict(want, val_fraction=0.25, train=dict(want["train"], batch_size=16))
 
 
+def test_a_budget_sharing_another_studys_teacher_finds_it_committed_with_its_own_config():
+    from study_checkpoints import CommittedCheckpoints
+
+    for name, budget in study.BUDGETS.items():
+        if budget.teacher_results is None:
+            continue
+        store = CommittedCheckpoints(study.REPO / "benchmarks" / "results" / budget.teacher_results / "checkpoints")
+        want = study.Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe,
+                          batch_size=budget.batch_size).args()
+        assert store.index()["teacher"]["args"] == want, name
+
+
 def test_seed_list_and_student_names(capsys):
     budget = study.BUDGETS["cpu"]
     assert study._seed_list("0,1") == [0, 1]

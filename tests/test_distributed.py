@@ -278,3 +278,23 @@ def test_more_processes_than_the_data_allows_is_one_error_from_rank_0(tiny_data,
     line = _error_line(r.stdout + r.stderr)
     assert "fewer than one batch of 64 x 2 process(es)" in line and "rank 1" not in line
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_airbench_recipe_keeps_whitening_frozen_and_lookahead_in_step(tiny_data, tmp_path,
+                                                                                      tmp_path_factory):
+    """The airbench recipe under DDP: the frozen whitening conv (set from the training images) stays the
+    same as in one process, and rank 0 saves the lookahead state that --resume needs."""
+    args = ["teacher", "--data", tiny_data, "--arch", "air32_ee", "--recipe", "airbench", "--epochs", "4",
+            "--batch-size", "16", "--val-fraction", "0.25", "--quiet", "--dist-timeout", "1"]
+    two, one = tmp_path / "two.pt", tmp_path / "one.pt"
+    r = torchrun(args + ["--out", two], tmp_path_factory.getbasetemp())
+    assert r.returncode == 0, r.stderr
+    assert train_cli(args + ["--out", one]).exit_code == 0
+    a, b = read_checkpoint(one), read_checkpoint(two)
+    assert b["progress"]["world_size"] == 2 and b["train_args"]["train"]["recipe"] == "airbench"
+    assert set(b["training_state"]["lookahead"]) == set(a["training_state"]["lookahead"])
+    torch.testing.assert_close(b["state_dict"]["stem.0.weight"], a["state_dict"]["stem.0.weight"], rtol=0, atol=0)
+    fresh = build_model(model_config("air32_ee")).state_dict()
+    moved = [k for k, v in b["state_dict"].items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
+    assert "blocks.0.conv1.weight" in moved and "stem.0.weight" in moved  # trained, and whitened once

@@ -103,7 +103,7 @@ def test_latency_claims_and_matched_latency_budgets(tmp_path):
     assert s == json.loads(json.dumps(summarize(read_csv(tmp_path / POINTS_CSV), read_csv(tmp_path / EXITS_CSV))))
 
 
-@pytest.mark.parametrize("study", ["cifar10", "cifar10-v2"])
+@pytest.mark.parametrize("study", ["cifar10", "cifar10-v2", "cifar10-v3"])
 def test_committed_summary_follows_from_committed_csvs(study):
     folder = RESULTS / study
     if not (folder / POINTS_CSV).exists():

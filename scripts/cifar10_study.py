@@ -67,7 +67,7 @@ BUDGETS: Dict[str, Budget] = {
     "airbench": Budget("air94_ee", "air32_ee", teacher_epochs=15, student_epochs=10, tune_epochs=3,
                        tune_limit=45000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v2",
                        seeds=(0, 1)),
-    # Study v3: v2's teacher; the student chosen by measured latency (student-choice-v3), each about 12 minutes.
+    # Study v3: v2's teacher; the student chosen by measured latency (student-choice-v3): 7-12 minutes each here.
     "airbench-wide": Budget("air94_ee", "air32w_ee", teacher_epochs=15, student_epochs=10, tune_epochs=3,
                             tune_limit=45000, beta_grid=(0.25, 0.5, 1.0), recipe="airbench", results="cifar10-v3",
                             seeds=(0, 1), teacher_results="cifar10-v2"),
@@ -292,21 +292,27 @@ def main(argv: Sequence[str] = None) -> int:
     return run_cli(run, argv)
 
 
+def results_folder(name: str) -> Path:
+    """A study's committed results: benchmarks/results/NAME."""
+    return REPO / "benchmarks" / "results" / name
+
+
 def run_study(args, command: str) -> None:
     budget = BUDGETS[args.budget]
     data = Path(args.data).resolve()
     work = (args.work or cache_dir() / "study" / f"cifar10-{args.budget}").resolve()
-    results = args.results or REPO / "benchmarks" / "results" / budget.results
+    results = args.results or results_folder(budget.results)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     store = CommittedCheckpoints(results / "checkpoints", _log)
-    teacher_store = (CommittedCheckpoints(REPO / "benchmarks" / "results" / budget.teacher_results / "checkpoints", _log)
+    teacher_store = (CommittedCheckpoints(results_folder(budget.teacher_results) / "checkpoints", _log)
                      if budget.teacher_results else store)
     timings = Timings(work / "timings.json")
     t_step = Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe,
                   batch_size=budget.batch_size)
     found: Dict[str, Path] = {}
-    timings.run("train teacher", lambda: found.update(teacher=obtain(teacher_store, work, "teacher", t_step, data, None)))
+    timings.run("train teacher",
+                lambda: found.update(teacher=obtain(teacher_store, work, "teacher", t_step, data, None)))
     teacher = found["teacher"]
     choice = {}
     timings.run("choose beta (validation)",

@@ -82,7 +82,7 @@ def test_a_budget_sharing_another_studys_teacher_finds_it_committed_with_its_own
     for name, budget in study.BUDGETS.items():
         if budget.teacher_results is None:
             continue
-        store = CommittedCheckpoints(study.REPO / "benchmarks" / "results" / budget.teacher_results / "checkpoints")
+        store = CommittedCheckpoints(study.results_folder(budget.teacher_results) / "checkpoints")
         want = study.Step("teacher", budget.teacher_arch, budget.teacher_epochs, budget.seed, budget.recipe,
                           batch_size=budget.batch_size).args()
         assert store.index()["teacher"]["args"] == want, name

@@ -10,7 +10,10 @@ the accuracy and the mean MACs (``cumulative_macs`` of the exits taken).
 Two targets:
 - ``--max-drop P`` (accuracy-drop, the default, P = 0.5 points): the threshold
   with the fewest mean MACs whose accuracy is at least the final exit's minus
-  P percentage points;
+  P percentage points, with ``--confidence C`` (default 0.9): the drop's
+  one-sided upper confidence bound at level C, a normal bound on the per-image
+  differences from the final exit (paired), must stay within P, so the promise
+  holds on images the calibration did not see; C = 0.5 takes the point estimate;
 - ``--mac-budget F`` (mac-budget): the most accurate threshold whose mean MACs
   are at most F x the full model's MACs.
 
@@ -33,6 +36,7 @@ import dataclasses
 import io
 import math
 import os
+import statistics
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ from .profile import LatencyProfile, ProfileError, find_profile
 TABLE_NAME = "calibration.csv"
 MODES = ("accuracy-drop", "mac-budget", "latency-budget")
 DEFAULT_MAX_DROP_POINTS = 0.5
+DEFAULT_CONFIDENCE = 0.9  # accuracy-drop: level of the one-sided bound on the drop (0.5: the point estimate)
 DEFAULT_VAL_FRACTION = 0.1
 MAX_MAC_BUDGET = 1.5
 BATCH_SIZE = 64
@@ -104,25 +109,39 @@ class Choice:
     final_accuracy: float  # accuracy of the last exit alone
     row: Optional[ThresholdRow]
     closest: ThresholdRow
+    confidence: float = 0.5  # accuracy-drop: level of the bound on the drop (0.5: the point estimate)
 
     @property
     def met(self) -> bool:
         return self.row is not None
 
+def check_confidence(confidence: float) -> float:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1.0:
+        raise ErdeError(f"--confidence {confidence!r} is out of range; give a level in [0.5, 1), e.g. 0.9 "
+                        "(0.5: the point estimate of the drop)")
+    return float(confidence)
+
+
+def drop_bound(row: ThresholdRow, final_accuracy: float, confidence: float) -> float:
+    """Upper bound (a fraction) of the accuracy lost against the final exit, at one-sided level ``confidence``."""
+    z = statistics.NormalDist().inv_cdf(check_confidence(confidence)) if confidence > 0.5 else 0.0
+    return final_accuracy - row.accuracy + z * row.drop_stderr
+
+
 def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accuracy: float,
-           full_macs: float, cost: Optional[Cost] = None) -> Choice:
+           full_macs: float, cost: Optional[Cost] = None, confidence: float = DEFAULT_CONFIDENCE) -> Choice:
     """Pick a row for the target; rows may mix criteria.
 
     ``cost`` is what accuracy-drop minimises: mean MACs by default, the expected
-    latency with a profile; latency-budget needs it (``target`` in ms).
+    latency with a profile; latency-budget needs it (``target`` in ms). ``confidence``
+    (accuracy-drop only) is the level of the upper bound on the drop that must meet the target.
     """
     if not rows:
         raise ErdeError("no thresholds to choose from")
     eps = 1e-9
     cost = cost or _macs
     if mode == "accuracy-drop":
-        floor = final_accuracy - target / 100.0
-        ok = [r for r in rows if r.accuracy >= floor - eps]
+        ok = [r for r in rows if drop_bound(r, final_accuracy, confidence) <= target / 100.0 + eps]
         best = min(ok, key=lambda r: (cost(r), -r.accuracy, -_strictness(r))) if ok else None
         closest = max(rows, key=lambda r: (r.accuracy, -cost(r)))
     elif mode == "latency-budget":
@@ -138,7 +157,8 @@ def choose(rows: Sequence[ThresholdRow], mode: str, target: float, final_accurac
         closest = min(rows, key=lambda r: (r.mean_macs, -r.accuracy))
     else:
         raise ErdeError(f"unknown calibration mode {mode!r}; expected one of {', '.join(MODES)}")
-    return Choice(mode, float(target), float(final_accuracy), best, best or closest)
+    level = float(confidence) if mode == "accuracy-drop" else 0.5
+    return Choice(mode, float(target), float(final_accuracy), best, best or closest, level)
 
 def choose_best(choices: Sequence[Choice], cost: Optional[Cost] = None) -> Choice:
     """Among per-criterion choices: those that meet the target win; then the lower cost (accuracy-drop)
@@ -193,10 +213,10 @@ def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[Thr
               profile: Optional[LatencyProfile] = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["criterion", "threshold", "val_accuracy", "mean_macs", "macs_fraction"]
+    w.writerow(["criterion", "threshold", "val_accuracy", "val_drop_stderr", "mean_macs", "macs_fraction"]
                + [f"exit_{k + 1}_share" for k in range(num_exits)] + ["chosen"] + ["expected_ms"] * bool(profile))
     for r in rows:
-        w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.accuracy:.6f}", f"{r.mean_macs:.1f}",
+        w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.accuracy:.6f}", f"{r.drop_stderr:.6f}", f"{r.mean_macs:.1f}",
                     f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)]
                    + ([f"{profile.expected_ms(r.exit_shares):.4f}"] if profile else []))
     return buf.getvalue()
@@ -215,7 +235,7 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
     cal = Calibration(criterion=r.criterion, threshold=r.threshold, mode=choice.mode, target=choice.target,
                       val_accuracy=r.accuracy, val_mean_macs=r.mean_macs, table_file=TABLE_NAME,
                       val_expected_ms=profile.expected_ms(r.exit_shares) if profile else None,
-                      profile=profile.machine.describe() if profile else "")
+                      profile=profile.machine.describe() if profile else "", confidence=choice.confidence)
     metrics = dict(manifest.metrics)
     if data is not None:
         metrics["calibration_val_images"] = len(data.files)
@@ -245,11 +265,12 @@ class Result:
 def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
               val_fraction: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
-              batch_size: int = BATCH_SIZE) -> Result:
+              batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE) -> Result:
     """Run the model over the validation split, choose a threshold and (if met and ``write``) store it."""
     from .engine import Engine
 
     check_target(mode, target)
+    check_confidence(confidence)
     crits = list(CRITERIA) if criterion == "both" else [criterion]
     for c in crits:
         if c not in CRITERIA:
@@ -274,7 +295,7 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
     per: Dict[str, Choice] = {}
     for c in crits:
         part = threshold_table(probs, vd.labels, cum, m.full_macs, c)
-        per[c] = choose(part, mode, target, final_acc, m.full_macs, cost)
+        per[c] = choose(part, mode, target, final_acc, m.full_macs, cost, confidence)
         rows += part
     best = choose_best(list(per.values()), cost)
     manifest = m
@@ -318,7 +339,8 @@ def read_table(folder: Union[str, Path], num_exits: int) -> List[ThresholdRow]:
         for d in csv.DictReader(io.StringIO(text)):
             shares = tuple(float(d[f"exit_{k + 1}_share"]) for k in range(num_exits))
             rows.append(ThresholdRow(d["criterion"], float(d["threshold"]), float(d["val_accuracy"]),
-                                     float(d["mean_macs"]), float(d["macs_fraction"]), shares))
+                                     float(d["mean_macs"]), float(d["macs_fraction"]), shares,
+                                     float(d.get("val_drop_stderr") or 0.0)))
         return rows
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise ErdeError(f"{path}: corrupt calibration table ({e}); run erde-calibrate again") from None

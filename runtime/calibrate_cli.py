@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from .calibrate import (DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
-                        ThresholdRow, calibrate, check_target, latency_cost)
+from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
+                        ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
 from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
 from .errors import ErdeError
 from .manifest import CRITERIA
@@ -32,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit rule to calibrate; both: calibrate each, keep the better (default both)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--max-drop", type=finite_number, metavar="P",
-                        help="fewest MACs with val accuracy >= final exit's - P points (default 0.5)")
+                        help="lowest cost (expected latency with a profile, else MACs) losing at most P points of "
+                             "val accuracy against the final exit (default 0.5), at --confidence")
     target.add_argument("--mac-budget", type=finite_number, metavar="F",
                         help="most accurate threshold with mean MACs <= F x full MACs, F in (0, 1.5]")
     target.add_argument("--budget-ms", type=finite_number, metavar="MS",
                         help="most accurate threshold whose expected batch-1 latency on this machine is at most MS "
                              "milliseconds (needs a latency profile: erde-profile MODEL_DIR --threads N)")
+    p.add_argument("--confidence", type=finite_number, default=DEFAULT_CONFIDENCE, metavar="C",
+                   help="with --max-drop: the drop's one-sided upper bound at level C (paired over the validation "
+                        f"images) must stay within P; 0.5 = the point estimate (default {DEFAULT_CONFIDENCE:g})")
     p.add_argument("--val-fraction", type=finite_number, default=None, metavar="F",
                    help="validation fraction used in training (default: the manifest's, else 0.1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -56,8 +60,9 @@ def _describe(r: ThresholdRow, profile=None) -> str:
 
 def _target_text(c: Choice) -> str:
     if c.mode == "accuracy-drop":
+        bound = "" if c.confidence == 0.5 else f", the drop's {c.confidence:g} upper confidence bound"
         return (f"val accuracy within {c.target:g} points of the final exit's {_pct(c.final_accuracy)} "
-                f"(at least {_pct(c.final_accuracy - c.target / 100.0)})")
+                f"(at least {_pct(c.final_accuracy - c.target / 100.0)}{bound})")
     if c.mode == "latency-budget":
         return f"expected latency at most {c.target:g} ms per image"
     return f"mean MACs at most {100.0 * c.target:g}% of the full model's"
@@ -70,9 +75,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     else:
         mode, target = "accuracy-drop", DEFAULT_MAX_DROP_POINTS if args.max_drop is None else args.max_drop
     check_target(mode, target)
+    check_confidence(args.confidence)
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
-    res = calibrate(args.model_dir, args.data, args.criterion, mode, target, args.val_fraction, args.threads)
+    res = calibrate(args.model_dir, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
+                    confidence=args.confidence)
     c = res.choice
     folder = Path(args.model_dir)
     if not c.met:

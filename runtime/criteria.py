@@ -73,6 +73,7 @@ class SweepPoint:
     mean_macs: float  # per image
     macs_fraction: float  # mean_macs / MACs of the static network
     exit_shares: Tuple[float, ...]  # share of images leaving at each exit
+    drop_stderr: float = 0.0  # standard error of (final exit's accuracy - accuracy), paired over the images
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +89,9 @@ def sweep(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[
     for t in thresholds:
         taken = exit_indices(exit_probs, criterion, t)
         mean_macs = float(cum[taken].mean())
-        points.append(SweepPoint(criterion, float(t), float(correct[taken, np.arange(n)].mean()), mean_macs,
-                                 mean_macs / full_macs,
-                                 tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n)))
+        right = correct[taken, np.arange(n)]
+        drop = correct[-1].astype(np.float64) - right  # per image: -1, 0 or 1
+        stderr = float(drop.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        points.append(SweepPoint(criterion, float(t), float(right.mean()), mean_macs, mean_macs / full_macs,
+                                 tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n), stderr))
     return points

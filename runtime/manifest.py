@@ -106,6 +106,7 @@ class Calibration:
     table_file: str = ""
     val_expected_ms: Optional[float] = None  # with a latency profile: expected batch-1 latency per image
     profile: str = ""  # the machine the latency profile describes ("" when MACs were the cost)
+    confidence: float = 0.5  # accuracy-drop: level of the bound on the drop (0.5, older manifests: the estimate)
 
 
 def preprocessing_from_dict(d: Dict[str, Any]) -> Preprocessing:
@@ -297,11 +298,15 @@ def manifest_from_dict(d: Any) -> Manifest:
         table = _typed(c, "table_file", str, w, errors, "")
         ms = _typed(c, "val_expected_ms", (int, float, type(None)), w, errors, None)
         prof = _typed(c, "profile", str, w, errors, "")
+        level = _typed(c, "confidence", (int, float), w, errors, 0.5)
         if None not in vals.values():
             _check(vals["criterion"] in CRITERIA, f"{w}.criterion: {vals['criterion']!r} is not one of {CRITERIA}", errors)
             _check(_is_number(vals["threshold"]) and 0.0 <= vals["threshold"] <= 1.0,
                    f"{w}.threshold: {vals['threshold']!r} is not a number in [0, 1]", errors)
-            cal = Calibration(table_file=table, val_expected_ms=ms, profile=prof or "", **vals)
+            _check(_is_number(level) and 0.5 <= level < 1.0, f"{w}.confidence: {level!r} is not a number in [0.5, 1)",
+                   errors)
+            cal = Calibration(table_file=table, val_expected_ms=ms, profile=prof or "",
+                              confidence=float(level) if _is_number(level) else 0.5, **vals)
     opset = _typed(d, "opset", int, where, errors, 17)
     metrics = _typed(d, "metrics", dict, where, errors, {})
     source = _typed(d, "source", dict, where, errors, {})

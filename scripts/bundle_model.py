@@ -6,7 +6,7 @@ Takes an exported model folder (default: the ERDE student of the CIFAR-10 study,
 ``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``), measures its latency profile on this machine at
 ``--profile-threads`` (``erde-profile``, one fresh process per thread count: run it on a quiet
 machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
-latency at ``--calibrate-threads`` within ``--max-drop`` points of the final exit), records its test
+latency at ``--calibrate-threads`` within ``--max-drop`` points of the final exit, at ``--confidence``), records its test
 accuracy, MACs and expected latency at that threshold in the manifest, and replaces the bundled
 folder atomically. Also draws the sample images in
 ``runtime/samples`` (our own drawings, free to redistribute), so ``erde-run --image`` has
@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from erde.runtime.calibrate import calibrate
+from erde.runtime.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, calibrate
 from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
 from erde.runtime.datasets import cache_dir
@@ -99,7 +99,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
     ap.add_argument("--source", type=Path, default=cache_dir() / "study" / "cifar10-cpu" / "erde_onnx",
                     help="the exported model folder to bundle (default: the study's ERDE student)")
-    ap.add_argument("--max-drop", type=finite_number, default=0.5, help="accuracy drop allowed, in points")
+    ap.add_argument("--max-drop", type=finite_number, default=DEFAULT_MAX_DROP_POINTS,
+                    help="accuracy drop allowed, in points")
+    ap.add_argument("--confidence", type=finite_number, default=DEFAULT_CONFIDENCE,
+                    help="level of the upper bound on the drop (erde-calibrate --confidence)")
     ap.add_argument("--profile-threads", default="1,2", help="thread counts to measure latency profiles at")
     ap.add_argument("--calibrate-threads", type=positive_int, default=1,
                     help="the thread count whose profile calibration minimises (default 1)")
@@ -126,7 +129,7 @@ def bundle(args) -> int:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         measure_profiles(tmp, profile_threads)
         result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
-                           threads=args.calibrate_threads)
+                           threads=args.calibrate_threads, confidence=args.confidence)
         if not result.choice.met:
             raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
         m = load_manifest(tmp)

@@ -11,6 +11,7 @@ from PIL import Image
 from erde.runtime import calibrate as cal_mod
 from erde.runtime import cli as run_cli
 from erde.runtime.calibrate import ThresholdRow, choose, threshold_grid
+from erde.runtime.errors import ErdeError
 from erde.runtime.calibrate_cli import main
 from erde.runtime.datasets import DataError, image_folder_split, list_image_folder, split_indices
 from erde.runtime.engine import Engine
@@ -126,8 +127,8 @@ def test_split_errors(tmp_path):
 # --- the choice -----------------------------------------------------------------------------------------
 
 
-def _row(t, acc, macs, crit="max-prob"):
-    return ThresholdRow(crit, t, acc, macs, macs / 100.0, (1.0,))
+def _row(t, acc, macs, crit="max-prob", stderr=0.0):
+    return ThresholdRow(crit, t, acc, macs, macs / 100.0, (1.0,), stderr)
 
 
 def test_choose_rules():
@@ -143,6 +144,14 @@ def test_choose_rules():
     same = [_row(0.5, 0.8, 40), _row(0.6, 0.8, 40)]  # ties: the safer side of the target
     assert choose(same, "accuracy-drop", 10, 0.8, 100).row.threshold == 0.6
     assert choose(same, "mac-budget", 0.5, 0.8, 100).row.threshold == 0.5
+    # the bound: 0.845 loses 1.5 points, but 1.5 + 1.2816 x 1.0 > 2 points at 90%; 0.85 (1 + 0.64) passes
+    noisy = [_row(0.7, 0.845, 50, stderr=0.01), _row(0.8, 0.85, 70, stderr=0.005), _row(0.9, 0.86, 90)]
+    assert choose(noisy, "accuracy-drop", 2.0, 0.86, 100).row.threshold == 0.8
+    assert choose(noisy, "accuracy-drop", 2.0, 0.86, 100, confidence=0.5).row.threshold == 0.7
+    assert choose(noisy, "accuracy-drop", 2.0, 0.86, 100, confidence=0.999).row.threshold == 0.9
+    assert choose(noisy, "mac-budget", 0.5, 0.86, 100).row.threshold == 0.7  # budgets ignore the bound
+    with pytest.raises(ErdeError, match="--confidence 1.0 is out of range"):
+        choose(noisy, "accuracy-drop", 2.0, 0.86, 100, confidence=1.0)
     assert len(threshold_grid("max-prob")) == 700 and threshold_grid("max-prob")[-1] == 0.999
     assert threshold_grid("entropy")[0] == 0.001 and threshold_grid("entropy")[-1] == 0.9
 
@@ -151,12 +160,13 @@ def test_choose_rules():
 
 
 def test_accuracy_drop_mode(capsys, model, data):
-    rc, out, err = run(capsys, model, "--data", data, "--val-fraction", 0.5, "--threads", 1, "--max-drop", 0)
+    rc, out, err = run(capsys, model, "--data", data, "--val-fraction", 0.5, "--threads", 1, "--max-drop", 0,
+                       "--confidence", 0.5)
     assert rc == 0, err
-    assert err == "" and "chosen:" in out and "calibration.csv" in out
+    assert err == "" and "chosen:" in out and "calibration.csv" in out and "upper confidence bound" not in out
     m, _ = check_choice_matches_engine(model, data)
     c = m.calibration
-    assert (c.mode, c.target, c.table_file) == ("accuracy-drop", 0.0, "calibration.csv")
+    assert (c.mode, c.target, c.table_file, c.confidence) == ("accuracy-drop", 0.0, "calibration.csv", 0.5)
     rows = read_table(model)
     assert len(rows) == 700 + 900 and {r["criterion"] for r in rows} == {"max-prob", "entropy"}
     final = m.metrics["calibration_val_accuracy_final_exit"]
@@ -167,6 +177,23 @@ def test_accuracy_drop_mode(capsys, model, data):
     chosen = [r for r in rows if r["chosen"] == "1"]
     assert len(chosen) == 1 and chosen[0]["criterion"] == c.criterion and float(chosen[0]["threshold"]) == c.threshold
     assert m.metrics["calibration_val_images"] == 32 and m.metrics["test_accuracy"] == 0.5  # other metrics kept
+
+
+def test_confidence_bound_is_the_default(capsys, model, data):
+    rc, out, err = run(capsys, model, "--data", data, "--val-fraction", 0.5, "--threads", 1, "--max-drop", 3)
+    assert rc == 0, err
+    assert "the drop's 0.9 upper confidence bound" in out
+    m = load_manifest(model)
+    c = m.calibration
+    assert (c.mode, c.target, c.confidence) == ("accuracy-drop", 3.0, 0.9)
+    final = m.metrics["calibration_val_accuracy_final_exit"]
+    rows = cal_mod.read_table(model, m.num_exits)
+    assert all(r.drop_stderr >= 0 for r in rows) and any(r.drop_stderr > 0 for r in rows)
+    bound = [r for r in rows if final - r.accuracy + 1.2816 * r.drop_stderr <= 0.03 + 1e-6]
+    point = [r for r in rows if final - r.accuracy <= 0.03 + 1e-9]
+    chosen = cal_mod.row_at(rows, c.criterion, c.threshold)
+    assert chosen in bound and chosen.mean_macs == pytest.approx(min(r.mean_macs for r in bound), abs=0.1)
+    assert min(r.mean_macs for r in point) <= chosen.mean_macs  # the bound never buys a cheaper threshold
 
 
 def test_table_rows_match_engine(model, data):
@@ -217,6 +244,7 @@ def test_unmeetable_target_names_closest_and_writes_nothing(capsys, model, data)
     (["--mac-budget", "nan"], "expected a finite number"),
     (["--max-drop", "1", "--mac-budget", "0.5"], "not allowed with argument"),
     (["--val-fraction", "1"], "--val-fraction 1 must be in (0, 1)"),
+    (["--confidence", "0.3"], "--confidence 0.3 is out of range"),
     (["--threads", "0"], "expected a positive integer"),
     (["--criterion", "median"], "invalid choice"),
 ])

@@ -66,6 +66,7 @@ def test_one_error_lists_every_problem(folder):
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: d.__setitem__("default_threshold", float("nan")), "default_threshold"),
     (lambda d: d["calibration"].__setitem__("threshold", -0.1), "calibration.threshold"),
+    (lambda d: d["calibration"].__setitem__("confidence", 1.0), "calibration.confidence"),
     (lambda d: d["full"].__setitem__("file", "../full.onnx"), "manifest.full.file"),
     (lambda d: d["segments"][0].__setitem__("file", "sub/seg.onnx"), "segments[0].file"),
     (lambda d: d["segments"][1].__setitem__("file", "segment0.onnx"), "more than one graph"),

@@ -1,9 +1,10 @@
-"""Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from an exported student.
+"""Rebuild the model bundled with the runtime (``runtime/models/cifar10``) from a committed student.
 
-    python scripts/bundle_model.py --data ../shared/datasets/cifar10 --source runs/student_onnx
+    python scripts/bundle_model.py --data ../shared/datasets/cifar10 [--checkpoint PT | --source MODEL_DIR]
 
-Takes an exported model folder (default: the ERDE student of the CIFAR-10 study,
-``$ERDE_CACHE/study/cifar10-cpu/erde_onnx``), measures its latency profile on this machine at
+Exports ``--checkpoint`` (default: the committed ERDE student of the CIFAR-10 study v3, seed 1, the
+seed more accurate on the validation split) into a temporary folder, or takes an exported model folder
+(``--source``), measures its latency profile on this machine at
 ``--profile-threads`` (``erde-profile``, one fresh process per thread count: run it on a quiet
 machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
 latency at ``--calibrate-threads`` within ``--max-drop`` points of the final exit, at ``--confidence``), records its test
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,12 +27,12 @@ from typing import Optional, Sequence
 from erde.runtime.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, calibrate
 from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
-from erde.runtime.datasets import cache_dir
 from erde.runtime.errors import ErdeError
 from erde.runtime.files import build_folder
 from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+STUDENT = REPO / "benchmarks" / "results" / "cifar10-v3" / "checkpoints" / "student_erde_seed1.pt"
 BUNDLED = REPO / "runtime" / "models" / "cifar10"
 SAMPLES = REPO / "runtime" / "samples"
 
@@ -97,8 +99,10 @@ def measure_profiles(folder: Path, threads: Sequence[int]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = Parser(prog="python scripts/bundle_model.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
-    ap.add_argument("--source", type=Path, default=cache_dir() / "study" / "cifar10-cpu" / "erde_onnx",
-                    help="the exported model folder to bundle (default: the study's ERDE student)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", type=Path, default=STUDENT,
+                     help="a student checkpoint to export and bundle (default: study v3's ERDE student, seed 1)")
+    src.add_argument("--source", type=Path, default=None, help="an exported model folder to bundle instead")
     ap.add_argument("--max-drop", type=finite_number, default=DEFAULT_MAX_DROP_POINTS,
                     help="accuracy drop allowed, in points")
     ap.add_argument("--confidence", type=finite_number, default=DEFAULT_CONFIDENCE,
@@ -111,17 +115,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def bundle(args) -> int:
-    """Profile and calibrate an exported student, add its test metrics and install it as the bundled model."""
-    source = args.source
-    if not (source / "manifest.json").exists():
-        raise ErdeError(f"{source}: no exported model folder; export a student (erde-export) or run the study "
-                        "first (python scripts/cifar10_study.py --data PATH)")
+    """Export (or take) a student, then profile, calibrate and install it as the bundled model."""
     try:
         profile_threads = [int(t) for t in args.profile_threads.split(",")]
     except ValueError:
         raise ErdeError(f"--profile-threads {args.profile_threads!r}: expected thread counts, e.g. 1,2") from None
     if args.data is None:
         raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
+    if args.source is not None:
+        return install(args, args.source, profile_threads)
+    if not args.checkpoint.is_file():
+        raise ErdeError(f"{args.checkpoint}: no such checkpoint; pass --checkpoint PT or --source MODEL_DIR")
+    from erde.export.exporter import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="erde-bundle-") as tmp:
+        source = Path(tmp) / "student_onnx"
+        export_checkpoint(args.checkpoint, source, report=print)
+        return install(args, source, profile_threads)
+
+
+def install(args, source: Path, profile_threads: Sequence[int]) -> int:
+    """Profile and calibrate the exported student ``source``, add its test metrics, replace the bundle."""
+    if not (source / "manifest.json").exists():
+        raise ErdeError(f"{source}: no exported model folder; export a student (erde-export) or run the study "
+                        "first (python scripts/cifar10_study.py --data PATH)")
     draw_samples(SAMPLES)
     BUNDLED.parent.mkdir(parents=True, exist_ok=True)
 

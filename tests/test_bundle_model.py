@@ -1,6 +1,7 @@
 """The bundle builder, and the committed bundle itself: what `pip install '.[runtime]'` ships."""
 
 import fnmatch
+import hashlib
 import subprocess
 import tomllib
 from pathlib import Path
@@ -26,6 +27,9 @@ def test_needs_the_study_first(tmp_path, capsys):
     assert bundle_model.main(["--source", str(tmp_path), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and "run the study first" in err
+    assert bundle_model.main(["--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "none.pt: no such checkpoint" in err and len(err.splitlines()) == 1
     assert bundle_model.main(["--calibrate-threads", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: argument --calibrate-threads") and len(err.splitlines()) == 1
@@ -37,6 +41,9 @@ def test_the_bundled_model_is_calibrated_and_carries_its_test_metrics():
     cal = m.calibration
     assert cal is not None and cal.mode == "accuracy-drop" and 0 < cal.threshold < 1
     assert (m.default_criterion, m.default_threshold) == (cal.criterion, cal.threshold)
+    # A fresh clone rebuilds it: it was exported from the builder's default checkpoint, which is committed.
+    digest = hashlib.sha256(bundle_model.STUDENT.read_bytes()).hexdigest()
+    assert (m.source["checkpoint"], m.source["checkpoint_sha256"]) == (bundle_model.STUDENT.name, digest)
     # The choice keeps its promise on the validation split, and the test numbers are recorded beside it.
     assert m.metrics["calibration_val_accuracy_final_exit"] - cal.val_accuracy <= cal.target / 100 + 1e-9
     assert 0 < m.metrics["test_macs_fraction_calibrated"] < 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence, TextIO
@@ -20,6 +21,7 @@ import numpy as np
 from .cliargs import Parser, UsageError, positive_int, run_cli
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME
+from .stages import Prediction
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
     p.add_argument("--criterion", choices=CRITERIA,
                    help="max-prob: leave when max probability >= T; entropy: leave when normalised entropy <= T")
+    p.add_argument("--static", action="store_true",
+                   help="run full.onnx, the static network, without early exits (where the latency profile says "
+                        "early exit does not pay on this machine)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per batch (default 1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
@@ -63,8 +68,10 @@ def model_folder(arg: Optional[str]) -> Path:
                     "erde-export (erde-run --model DIR, erde-bench DIR)")
 
 
-def expected_latency_line(engine, criterion: str, threshold: float, threads: Optional[int], err: TextIO) -> str:
-    """What this threshold should cost here, from the latency profile and the calibration table ("" without one).
+def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[float], threads: Optional[int],
+                          err: TextIO) -> str:
+    """What this threshold (None: full.onnx) should cost here, from the latency profile and the calibration
+    table ("" without a profile); it says so when full.onnx is expected to be faster.
 
     A corrupt profile, or one of another machine, is ignored with a warning on stderr; never used silently.
     """
@@ -77,6 +84,9 @@ def expected_latency_line(engine, criterion: str, threshold: float, threads: Opt
         if (engine.folder / PROFILE_NAME).exists():
             print(f"Warning: {e}; the profile is ignored", file=err)
         return ""
+    if threshold is None:
+        return (f"expected latency: {prof.full_ms:.3f} ms per image for full.onnx, batch 1 ({prof.machine.describe()})"
+                if prof.full_ms else "")
     full = f"; full.onnx {prof.full_ms:.3f} ms" if prof.full_ms else ""
     try:
         row = row_at(read_table(engine.folder, engine.num_exits), criterion, threshold)
@@ -86,8 +96,23 @@ def expected_latency_line(engine, criterion: str, threshold: float, threads: Opt
     if row is None:
         return (f"expected latency: {prof.cumulative_ms[0]:.3f} to {prof.cumulative_ms[-1]:.3f} ms per image at batch 1 "
                 f"(no validation exit shares at this threshold; run erde-calibrate){full}")
-    return (f"expected latency: {prof.expected_ms(row.exit_shares):.3f} ms per image at this threshold, batch 1 "
+    expected_ms = prof.expected_ms(row.exit_shares)
+    if prof.full_ms and prof.full_ms <= expected_ms:
+        full += ", faster than early exit here: --static runs it"
+    return (f"expected latency: {expected_ms:.3f} ms per image at this threshold, batch 1 "
             f"({prof.machine.describe()}; validation exit shares){full}")
+
+
+def static_predictions(engine, x: np.ndarray) -> List[Prediction]:
+    """full.onnx on a preprocessed batch: every image answered by the final exit, at the full MACs."""
+    m = engine.manifest
+    start = time.perf_counter()
+    probs = engine.run_full(x)
+    ms = (time.perf_counter() - start) * 1000.0
+    last = engine.num_exits - 1
+    return [Prediction(class_index=int(c), class_name=m.class_names[int(c)], confidence=float(p[c]), exit_index=last,
+                       num_exits=engine.num_exits, macs=m.full_macs, macs_fraction=1.0, latency_ms=ms,
+                       segment_latency_ms=(ms,)) for p, c in zip(probs, probs.argmax(axis=1))]
 
 
 def _human(name: str, pred) -> str:
@@ -96,7 +121,7 @@ def _human(name: str, pred) -> str:
             f"{pct:.0f}% of full MACs ({max(100.0 - pct, 0.0):.0f}% saved), {pred.latency_ms:.2f} ms")
 
 
-def _json_line(name: str, pred, criterion: str, threshold: float) -> str:
+def _json_line(name: str, pred, criterion: Optional[str], threshold: Optional[float]) -> str:
     d = {"image": name}
     d.update(pred.to_dict())
     d["criterion"] = criterion
@@ -111,20 +136,27 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     if not args.image and not args.folder:
         raise UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
+    if args.static and (args.threshold is not None or args.criterion is not None):
+        raise UsageError("--static runs full.onnx without early exits; drop --threshold and --criterion")
     engine = Engine.load(model_folder(args.model), threads=args.threads)
+    if args.static and not engine.has_full:
+        raise ErdeError(f"{engine.folder}: this model folder has no full.onnx (manifest 'full' is empty); "
+                        "re-export it with erde-export, or leave --static out")
     criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
     paths: List[Path] = [Path(p) for p in args.image]
     for folder in args.folder:
         paths.extend(list_images(folder))
     if not args.json:
         m = engine.manifest
-        print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; criterion {criterion}, "
-              f"threshold {threshold:g} ({source})", file=out)
-        line = expected_latency_line(engine, criterion, threshold, args.threads, err)
+        rule = "static full.onnx, no early exit" if args.static else \
+            f"criterion {criterion}, threshold {threshold:g} ({source})"
+        print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {rule}", file=out)
+        line = expected_latency_line(engine, None if args.static else criterion, None if args.static else threshold,
+                                     args.threads, err)
         if line:
             print(line, file=out)
     step = min(args.batch_size, MAX_RUN_BATCH)  # larger batches gain nothing and only cost memory
-    engine.warmup(min(step, len(paths)), include_full=False)  # the first run allocates; keep it out of the reported times
+    engine.warmup(min(step, len(paths)), include_full=args.static)  # the first run allocates; keep it out of the reported times
     pre = engine.manifest.preprocessing
     failed = 0
     for start in range(0, len(paths), step):
@@ -141,12 +173,15 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     traceback.print_exc(file=err)
                 msg = str(e) if str(path) in str(e) else f"{path}: {e}"
                 lines.append(json.dumps({"image": str(path), "error": msg}) if args.json else ("ERR", msg))
-        preds = iter(engine.predict_array(np.stack(arrays), threshold, criterion) if arrays else [])
+        x = np.stack(arrays) if arrays else None
+        preds = iter([] if x is None else static_predictions(engine, x) if args.static
+                     else engine.predict_array(x, threshold, criterion))
         name_it = iter(names)
         for line in lines:
             if line is None:
                 name, pred = next(name_it), next(preds)
-                print(_json_line(name, pred, criterion, threshold) if args.json else _human(name, pred), file=out)
+                rule = (None, None) if args.static else (criterion, threshold)
+                print(_json_line(name, pred, *rule) if args.json else _human(name, pred), file=out)
             elif isinstance(line, tuple):
                 out.flush()
                 print(f"Error: {line[1]}", file=err)

@@ -206,3 +206,33 @@ def test_erde_run_works_when_torch_cannot_be_imported(tmp_path, model, images):
     assert len(rows) == 6 and all(set(r) == JSON_KEYS for r in rows)
     check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert "torch is blocked" in check.stderr  # the block works
+
+
+def test_static_runs_full_onnx(capsys, model, images):
+    rc, out, err = run(capsys, "--model", model, "--folder", images, "--static", "--json", "--threads", 1)
+    assert rc == 0 and err == ""
+    rows = [json.loads(line) for line in out.splitlines()]
+    eng = Engine.load(model, threads=1)
+    files = sorted(images.iterdir())
+    from erde.runtime.preprocess import preprocess_one
+    import numpy as np
+    probs = eng.run_full(np.stack([preprocess_one(f, eng.manifest.preprocessing) for f in files]))
+    assert [r["class_index"] for r in rows] == probs.argmax(axis=1).tolist()
+    assert all(r["exit_index"] == 2 and r["macs_fraction"] == 1.0 and r["macs"] == eng.manifest.full_macs
+               and r["criterion"] is None and r["threshold"] is None for r in rows)
+    rc, out, err = run(capsys, "--model", model, "--image", files[0], "--static", "--threads", 1)
+    assert rc == 0 and out.splitlines()[0].endswith("3 exits; static full.onnx, no early exit")
+    assert LINE.match(out.splitlines()[1]) and "exit 3/3, 100% of full MACs (0% saved)" in out
+
+
+def test_static_refuses_a_threshold_and_a_folder_without_full_onnx(capsys, model, images, tmp_path):
+    rc, out, err = run(capsys, "--model", model, "--folder", images, "--static", "--threshold", 0.5)
+    assert rc == 2 and out == "" and err.startswith("Error: --static runs full.onnx") and err.count("\n") == 1
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    d = json.loads((bare / "manifest.json").read_text())
+    (bare / d["full"]["file"]).unlink()
+    d["full"] = None
+    (bare / "manifest.json").write_text(json.dumps(d))
+    rc, out, err = run(capsys, "--model", bare, "--folder", images, "--static")
+    assert rc == 2 and out == "" and "has no full.onnx" in err and err.count("\n") == 1

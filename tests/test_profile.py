@@ -179,3 +179,25 @@ def test_erde_profile_console_script_bad_model(tmp_path):
     r = subprocess.run(console_command("erde-profile", "erde.runtime.profile_cli") + [str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
+
+
+def test_erde_run_says_when_full_onnx_is_expected_faster(model, capsys, tmp_path):
+    from erde.runtime.calibrate import TABLE_NAME, ThresholdRow, table_csv
+
+    engine = Engine.load(model, threads=1)
+    save_profile(model, _fake(engine))  # cumulative 0.1 / 0.3 / 0.6 ms; full.onnx 0.55 ms
+    rows = [ThresholdRow("max-prob", 0.5, 0.8, 10.0, 0.1, (1.0, 0.0, 0.0)),
+            ThresholdRow("max-prob", 0.99, 0.9, 100.0, 1.0, (0.0, 0.0, 1.0))]
+    (model / TABLE_NAME).write_text(table_csv(rows, 3))
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(32, 32)).save(img)
+    lines = {}
+    for args in (["--threshold", "0.5"], ["--threshold", "0.99"], ["--static"]):
+        assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"] + args) == 0
+        out, err = capsys.readouterr()
+        assert err == ""
+        lines[args[-1]] = out.splitlines()[1]
+    assert lines["0.5"].startswith("expected latency: 0.100 ms") and "--static" not in lines["0.5"]
+    assert lines["0.99"].startswith("expected latency: 0.600 ms") and \
+        lines["0.99"].endswith("full.onnx 0.550 ms, faster than early exit here: --static runs it")
+    assert lines["--static"].startswith("expected latency: 0.550 ms per image for full.onnx")

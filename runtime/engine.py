@@ -11,6 +11,7 @@ Sessions and the thread-pool policy live in ``erde.runtime.sessions``.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import criteria
+from .binding import BoundChain, PlainChain, bind_chain
 from .errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
@@ -58,6 +60,7 @@ class Engine:
         self._num_classes = len(manifest.class_names)
         h, w = manifest.preprocessing.input_size
         self._input_shape = (3, h, w)
+        self._bound = threading.local()  # per thread: the segment chain with its batch-1 buffers bound
 
     @classmethod
     def load(cls, folder: Union[str, os.PathLike], threads: Optional[int] = None,
@@ -230,6 +233,26 @@ class Engine:
                                    f"{MANIFEST_NAME}); re-export the model folder")
         return outputs
 
+    def _chain(self) -> Union[BoundChain, PlainChain]:
+        """This thread's batch-1 segment chain (its buffers are bound on first use)."""
+        chain = getattr(self._bound, "chain", None)
+        if chain is None:
+            chain = self._bound.chain = bind_chain(self._stages, self._input_shape, self._num_classes)
+        return chain
+
+    def _run_bound(self, chain: Union[BoundChain, PlainChain], k: int) -> np.ndarray:
+        """Stage ``k`` of a batch-1 chain: its probabilities [1, K]. If it fails or answers in another shape,
+        it runs again through ``_run_stage``, which raises the one-line error."""
+        try:
+            probs = chain.run(k)
+            if probs.shape == (1, self._num_classes):
+                return probs
+        except Exception:
+            pass
+        self._run_stage(chain.stages[k], chain.feed(k))
+        raise ModelFolderError(f"{self.folder / chain.stages[k].file}: onnxruntime could not run this graph "
+                               "through bound buffers; re-export the model folder")
+
     def _prediction(self, class_index: int, confidence: float, exit_index: int, cum_ms: List[float],
                     times_ms: List[float]) -> Prediction:
         macs = self._cum_macs[exit_index]
@@ -242,26 +265,20 @@ class Engine:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports, so it does the
-        least Python work per segment (no per-call checks beyond the probabilities' shape).
+        least Python work per segment (no per-call checks beyond the probabilities' shape) and runs the
+        segments through buffers bound once per thread (``erde.runtime.binding``).
         """
         if self._single is not None:
             return self._run_single(x, criterion, threshold if early_exit else None)
-        stages = self._stages
-        last = len(stages) - 1
+        chain = self._chain()
+        last = len(self._stages) - 1
         max_prob = criterion == "max-prob"
-        want = (1, self._num_classes)
         clock = time.perf_counter
         marks = []
-        feed = x
+        chain.load(x)
         start = clock()
-        for k, stage in enumerate(stages):
-            try:
-                outputs = stage.session.run(stage.output_names, {stage.input_name: feed})
-            except Exception:
-                outputs = self._run_stage(stage, feed)  # raises the one-line error
-            probs = outputs[0]
-            if probs.shape != want:
-                outputs = self._run_stage(stage, feed)  # raises the one-line error
+        for k in range(last + 1):
+            probs = self._run_bound(chain, k)
             if k == last:
                 leave = True
             elif not early_exit:
@@ -273,7 +290,6 @@ class Engine:
             marks.append(clock())
             if leave:
                 break
-            feed = outputs[1]
         cum_ms = [(t - start) * 1000.0 for t in marks]
         times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
         p = probs[0]
@@ -321,12 +337,11 @@ class Engine:
         """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""
         if self._single is not None:
             return self._run_single(x, "max-prob", None, leave_at=k).latency_ms
+        chain = self._chain()
+        chain.load(x)
         start = time.perf_counter()
-        feed = x
-        for stage in self._stages[:k + 1]:
-            outputs = stage.session.run(stage.output_names, {stage.input_name: feed})
-            bool(outputs[0].max() >= 2.0)  # the exit test the engine does
-            feed = outputs[1] if len(outputs) > 1 else None
+        for j in range(k + 1):
+            bool(chain.run(j).max() >= 2.0)  # the exit test the engine does
         return (time.perf_counter() - start) * 1000.0
 
     @property

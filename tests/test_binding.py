@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from erde.runtime.binding import BoundChain, PlainChain, bind_chain
+from erde.runtime.engine import Engine
+from erde.runtime.stages import _Stage
+from runtime_fixtures import make_model_folder, random_inputs
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory):
+    return Engine.load(make_model_folder(tmp_path_factory.mktemp("b")), threads=1)
+
+
+def run_all(chain, x):
+    chain.load(x)
+    return [chain.run(k).copy() for k in range(len(chain.stages))]
+
+
+def test_bound_chain_gives_the_answers_of_session_run(eng):
+    bound = bind_chain(eng._stages, eng._input_shape, 4)
+    assert isinstance(bound, BoundChain)
+    plain = PlainChain(eng._stages)
+    for x in random_inputs(6):
+        got, want = run_all(bound, x[None]), run_all(plain, x[None])
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+        assert got[0].shape == (1, 4)
+
+
+def test_the_feature_buffer_is_the_next_stage_input(eng):
+    bound = bind_chain(eng._stages, eng._input_shape, 4)
+    bound.load(random_inputs(1))
+    bound.run(0)
+    feats = bound.feed(1).copy()
+    assert feats.any()  # segment 0 wrote its features where segment 1 reads them
+    direct = eng._stages[1].session.run(eng._stages[1].output_names, {eng._stages[1].input_name: feats})[0]
+    assert np.array_equal(bound.run(1), direct)
+
+
+class _NoBinding:
+    """A session of an onnxruntime without IOBinding."""
+
+    def __init__(self, outputs):
+        self._outputs = outputs
+
+    def get_outputs(self):
+        return self._outputs
+
+
+class _LooseShapes(_NoBinding):
+    def io_binding(self):
+        return SimpleNamespace(bind_input=lambda *a: None, bind_output=lambda *a: None)
+
+
+@pytest.mark.parametrize("session_type", [_NoBinding, _LooseShapes])
+def test_falls_back_to_session_run(session_type):
+    outputs = [SimpleNamespace(name="p", shape=["batch", 4]), SimpleNamespace(name="f", shape=["batch", 4, "h", 8])]
+    stages = [_Stage(session_type(outputs), "x", ["p", "f"], "s0.onnx"),
+              _Stage(session_type(outputs[:1]), "f", ["p"], "s1.onnx")]
+    assert isinstance(bind_chain(stages, (3, 8, 8), 4), PlainChain)
+
+
+def test_each_thread_has_its_own_buffers(eng):
+    xs = random_inputs(16, seed=5)
+    want = [(p.class_index, p.exit_index, p.confidence) for p in
+            (eng.predict_array(xs[i:i + 1], 0.9)[0] for i in range(len(xs)))]
+    bad = []
+
+    def work(offset):
+        for r in range(30):
+            i = (r + offset) % len(xs)
+            p = eng.predict_array(xs[i:i + 1], 0.9)[0]
+            if (p.class_index, p.exit_index, p.confidence) != want[i]:
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in (0, 7, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -126,12 +126,22 @@ def bundle(args) -> int:
         return install(args, args.source, profile_threads)
     if not args.checkpoint.is_file():
         raise ErdeError(f"{args.checkpoint}: no such checkpoint; pass --checkpoint PT or --source MODEL_DIR")
-    from erde.export.exporter import export_checkpoint
-
     with tempfile.TemporaryDirectory(prefix="erde-bundle-") as tmp:
         source = Path(tmp) / "student_onnx"
-        export_checkpoint(args.checkpoint, source, report=print)
+        export_student(args.checkpoint, source)
         return install(args, source, profile_threads)
+
+
+def export_student(checkpoint: Path, out: Path) -> None:
+    """erde-export in a fresh process: its parity check would otherwise fix this process's onnxruntime
+    thread pool at the default size, and calibration at ``--calibrate-threads`` could not run here."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "erde.export.cli", str(checkpoint), "--out", str(out)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ErdeError(f"erde-export {checkpoint} failed: {r.stderr.strip() or r.stdout.strip()}")
+    print(r.stdout.strip())
 
 
 def install(args, source: Path, profile_threads: Sequence[int]) -> int:

@@ -6,10 +6,12 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import bundle_model
 from erde.runtime.engine import Engine
+from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import load_manifest
 from runtime_fixtures import console_command, torch_blocked_env
 
@@ -34,6 +36,17 @@ def test_needs_the_study_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("Error: argument --calibrate-threads") and len(err.splitlines()) == 1
 
+
+def test_the_student_is_exported_in_another_process(tiny_student, tmp_path):
+    """The export's parity check must not fix this process's thread pool before calibration runs here."""
+    from erde.runtime import sessions
+
+    before = sessions._global_pool_active
+    bundle_model.export_student(tiny_student, tmp_path / "out")
+    assert load_manifest(tmp_path / "out").segments
+    assert sessions._global_pool_active == before
+    with pytest.raises(ErdeError, match=r"erde-export .*none\.pt failed"):
+        bundle_model.export_student(tmp_path / "none.pt", tmp_path / "out2")
 
 
 def test_the_bundled_model_is_calibrated_and_carries_its_test_metrics():

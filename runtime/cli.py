@@ -71,7 +71,7 @@ def model_folder(arg: Optional[str]) -> Path:
 def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[float], threads: Optional[int],
                           err: TextIO) -> str:
     """What this threshold (None: full.onnx) should cost here, from the latency profile and the calibration
-    table ("" without a profile); it says so when full.onnx is expected to be faster.
+    table ("" without a profile); it says so when full.onnx, or another thread count, is expected to be faster.
 
     A corrupt profile, or one of another machine, is ignored with a warning on stderr; never used silently.
     """
@@ -85,8 +85,10 @@ def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[
             print(f"Warning: {e}; the profile is ignored", file=err)
         return ""
     if threshold is None:
+        if not prof.full_ms:
+            return ""
         return (f"expected latency: {prof.full_ms:.3f} ms per image for full.onnx, batch 1 ({prof.machine.describe()})"
-                if prof.full_ms else "")
+                + _thread_hint(engine, threads, prof, lambda p: p.full_ms))
     full = f"; full.onnx {prof.full_ms:.3f} ms" if prof.full_ms else ""
     try:
         row = row_at(read_table(engine.folder, engine.num_exits), criterion, threshold)
@@ -100,7 +102,23 @@ def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[
     if prof.full_ms and prof.full_ms <= expected_ms:
         full += ", faster than early exit here: --static runs it"
     return (f"expected latency: {expected_ms:.3f} ms per image at this threshold, batch 1 "
-            f"({prof.machine.describe()}; validation exit shares){full}")
+            f"({prof.machine.describe()}; validation exit shares){full}"
+            + _thread_hint(engine, threads, prof, lambda p: p.expected_ms(row.exit_shares)))
+
+
+def _thread_hint(engine, threads: Optional[int], prof, cost) -> str:
+    """"; N threads expected faster here" when this machine's profile at another thread count expects less
+    than ``cost(prof)`` by more than both profiles' run-to-run spread ("" otherwise)."""
+    from .profile import other_thread_counts
+
+    others = [(cost(p), p) for p in other_thread_counts(engine.folder, engine.manifest, threads) if cost(p)]
+    if not others:
+        return ""
+    best_ms, best = min(others, key=lambda c: c[0])
+    if best_ms >= cost(prof) * (1.0 - max(prof.spread, best.spread)):
+        return ""
+    n = best.machine.threads
+    return f"; {n} thread{'s' * (n != 1)} expected faster here ({best_ms:.3f} ms): --threads {n}"
 
 
 def static_predictions(engine, x: np.ndarray) -> List[Prediction]:

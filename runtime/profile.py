@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -228,3 +228,15 @@ def find_profile(folder: Union[str, Path], manifest: Manifest, threads: Optional
     else:
         why = "measured for " + "; ".join(p.machine.describe() for p in mine)
     raise ProfileError(f"{Path(folder) / PROFILE_NAME}: no profile for this machine ({here.describe()}): {why}; {fix}")
+
+
+def other_thread_counts(folder: Union[str, Path], manifest: Manifest, threads: Optional[int]) -> List[LatencyProfile]:
+    """Profiles of this model on this machine at thread counts other than ``threads`` ([] if none or corrupt)."""
+    here = MachineKey.here(threads)
+    try:
+        profiles = load_profiles(folder)
+    except ProfileError:
+        return []
+    sha = model_sha256(manifest)
+    return [p for p in profiles if p.model_sha256 == sha and len(p.segment_ms) == manifest.num_exits
+            and replace(p.machine, threads=here.threads) == here and p.machine.threads != here.threads]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import time
@@ -15,7 +16,7 @@ from erde.runtime.calibrate_cli import main as calibrate_main
 from erde.runtime.cli import main as run_main
 from erde.runtime.engine import Engine
 from erde.runtime.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
-                                  load_profiles, measure, model_sha256, save_profile)
+                                  load_profiles, measure, model_sha256, other_thread_counts, save_profile)
 from erde.runtime.profile_cli import main as profile_main
 from runtime_fixtures import console_command, make_model_folder, random_image
 
@@ -201,3 +202,41 @@ def test_erde_run_says_when_full_onnx_is_expected_faster(model, capsys, tmp_path
     assert lines["0.99"].startswith("expected latency: 0.600 ms") and \
         lines["0.99"].endswith("full.onnx 0.550 ms, faster than early exit here: --static runs it")
     assert lines["--static"].startswith("expected latency: 0.550 ms per image for full.onnx")
+
+
+def test_other_thread_counts_are_this_machine_and_model_only(model):
+    engine = Engine.load(model, threads=1)
+    here = MachineKey.here(1)
+    (model / PROFILE_NAME).unlink(missing_ok=True)
+    for p in (_fake(engine), _fake(engine, machine=dataclasses.replace(here, threads=2)),
+              _fake(engine, machine=dataclasses.replace(here, threads=4, cpu="Another CPU")),
+              _fake(engine, machine=dataclasses.replace(here, threads=3), model_sha256="0" * 64)):
+        save_profile(model, p)
+    assert [p.machine.threads for p in other_thread_counts(model, engine.manifest, 1)] == [2]
+    assert [p.machine.threads for p in other_thread_counts(model, engine.manifest, 2)] == [1]
+
+
+def test_erde_run_names_a_faster_thread_count(model, capsys, tmp_path):
+    from erde.runtime.calibrate import TABLE_NAME, ThresholdRow, table_csv
+
+    engine = Engine.load(model, threads=1)
+    two = dataclasses.replace(MachineKey.here(1), threads=2)
+    (model / PROFILE_NAME).unlink(missing_ok=True)
+    save_profile(model, _fake(engine))  # 1 thread: cumulative 0.1 / 0.3 / 0.6 ms, full.onnx 0.55 ms
+    rows = [ThresholdRow("max-prob", 0.5, 0.8, 10.0, 0.1, (0.5, 0.0, 0.5))]  # expected 0.35 ms at 1 thread
+    (model / TABLE_NAME).write_text(table_csv(rows, 3))
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(32, 32)).save(img)
+
+    def line(segment_ms, full_ms, *args):
+        save_profile(model, _fake(engine, machine=two, segment_ms=segment_ms, full_ms=full_ms))
+        assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"] + list(args)) == 0
+        out, err = capsys.readouterr()
+        assert err == ""
+        return out.splitlines()[1]
+
+    assert line((0.05, 0.1, 0.15), 0.3, "--threshold", "0.5").endswith(
+        "; 2 threads expected faster here (0.175 ms): --threads 2")
+    assert line((0.05, 0.1, 0.15), 0.3, "--static").endswith("; 2 threads expected faster here (0.300 ms): --threads 2")
+    assert "--threads" not in line((0.1, 0.2, 0.295), 0.54, "--threshold", "0.5")  # 0.7% less: within the spread
+    assert "--threads" not in line((0.1, 0.2, 0.295), 0.55, "--static")

@@ -59,7 +59,7 @@ class BoundChain:
                  features: List[np.ndarray], bindings: List[Any]):
         self.stages = list(stages)
         self._image = image
-        self.probs = probs  # [1, K] per stage, rewritten by every call
+        self._probs = probs  # [1, K] per stage, rewritten by every call
         self._features = features
         self._bindings = bindings
 
@@ -70,14 +70,15 @@ class BoundChain:
     def run(self, k: int) -> np.ndarray:
         """Run stage ``k`` on what stage k-1 (or ``load``) left; return its probabilities buffer [1, K]."""
         self.stages[k].session.run_with_iobinding(self._bindings[k])
-        return self.probs[k]
+        return self._probs[k]
 
     def feed(self, k: int) -> np.ndarray:
         """The input array stage ``k`` reads (to re-run it without bindings and report an error)."""
         return self._image if k == 0 else self._features[k - 1]
 
 
-def bind_chain(stages: Sequence[_Stage], input_shape: Tuple[int, ...], num_classes: int) -> Union[BoundChain, PlainChain]:
+def bind_chain(stages: Sequence[_Stage], input_shape: Tuple[int, ...],
+               num_classes: int) -> Union[BoundChain, PlainChain]:
     """The chain of stages with its batch-1 buffers bound; a ``PlainChain`` (same answers, ``session.run``)
     when a feature map's shape is not fixed or this onnxruntime cannot bind buffers."""
     try:

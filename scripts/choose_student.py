@@ -66,7 +66,7 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Di
     test_folder = image_folder_split(data, "test")
     test = cal.validation_probs(engine, test_folder.files)
     cum = [s.cumulative_macs for s in m.segments]
-    out = {"name": name, "arch": m.model_name, "exits": len(cum), "cumulative_macs": cum,
+    out = {"name": name, "arch": m.model_name, "training": training(ckpt), "exits": len(cum), "cumulative_macs": cum,
            "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms), "cumulative_ms": list(prof.cumulative_ms),
            "full_ms": prof.full_ms, "chain_over_full": prof.cumulative_ms[-1] / prof.full_ms,
            "profile": prof.machine.describe(), "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO)
@@ -78,6 +78,16 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Di
                                  "expected_ms": prof.expected_ms(r.exit_shares), "exit_shares": list(r.exit_shares)}
                                 for r in rows]}
     return out
+
+
+def training(ckpt: Path) -> str:
+    """How the checkpoint was trained, from its own record: loss, recipe and epochs."""
+    from erde.training.checkpoint import read_checkpoint
+
+    args = read_checkpoint(ckpt).get("train_args") or {}
+    train, loss = args.get("train") or {}, args.get("loss") or {}
+    return ", ".join(str(v) for v in (loss.get("name", args.get("kind", "?")), train.get("recipe", "sgd"),
+                                      f"{train.get('epochs', '?')} epochs"))
 
 
 def envelope(curve: List[Dict], budgets: np.ndarray, static: Optional[Dict] = None) -> np.ndarray:
@@ -155,16 +165,17 @@ def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd
            bundled: Optional[Dict] = None) -> str:
     L = ["# Choosing the CIFAR-10 student by measured latency", "",
          f"Machine: {machine_line}; onnxruntime, batch 1, {threads} thread(s). Command:", "", f"    {cmd}", "",
-         "Candidates are trained with the same schedule; each is exported, profiled on this machine "
+         "Each candidate's training (loss, recipe, epochs: from its checkpoint) is in the table; the "
+         "comparison holds only as far as those match. Each is exported, profiled on this machine "
          "(`erde-profile`), and swept over max-prob thresholds on the validation split carved from the training "
          "data. Expected latency = sum over exits of (share of images leaving there) x (measured cumulative "
          "latency of that exit).", "",
          f"**Rule:** {choice['rule']}. **Chosen: `{choice['chosen']}`.**", "",
-         "| candidate | exits | full MACs | full.onnx ms | all segments / full.onnx | val acc per exit | "
-         "score (val) |", "|---|---:|---:|---:|---:|---|---:|"]
+         "| candidate | training | exits | full MACs | full.onnx ms | all segments / full.onnx | val acc per exit | "
+         "score (val) |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for c in cands:
         acc = " / ".join(f"{100 * a:.1f}" for a in c["val"]["exit_accuracy"])
-        L.append(f"| `{c['name']}` ({c['arch']}) | {c['exits']} | {c['full_macs'] / 1e6:.1f} M | {c['full_ms']:.3f} "
+        L.append(f"| `{c['name']}` ({c['arch']}) | {c.get('training', '?')} | {c['exits']} | {c['full_macs'] / 1e6:.1f} M | {c['full_ms']:.3f} "
                  f"| {c['chain_over_full']:.2f}x | {acc} | {100 * choice['scores'][c['name']]:.2f}% |")
     L += ["", "Per exit: cumulative latency (ms) and MACs, from each candidate's profile:", ""]
     for c in cands:

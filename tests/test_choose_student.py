@@ -27,3 +27,12 @@ def test_the_faster_curve_wins_at_matched_latency():
     assert choice["chosen"] == "fast" and choice["scores"]["fast"] > choice["scores"]["slow"]
     text = choose_student.readme([slow, fast], choice, "cpu", 1, "python scripts/choose_student.py ...")
     assert "Chosen: `fast`" in text and "| `slow` |" in text
+
+
+def test_the_report_says_how_each_candidate_was_trained(tiny_student):
+    assert choose_student.training(tiny_student).endswith(" epochs")
+    a, b = _cand("a", [(0.5, 0.7)]), _cand("b", [(0.4, 0.7)])
+    a["training"], b["training"] = "erde, airbench, 20 epochs", "ce, sgd, 10 epochs"
+    text = choose_student.readme([a, b], choose_student.choose([a, b]), "cpu", 1, "cmd")
+    assert "| `a` (a) | erde, airbench, 20 epochs |" in text and "| `b` (b) | ce, sgd, 10 epochs |" in text
+    assert "same schedule" not in text

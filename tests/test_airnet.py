@@ -1,9 +1,11 @@
 """The airbench-style network: shapes, exits, frozen whitening, and the whitening itself."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from erde.training.airnet import WHITEN_WIDTH, init_whitening
+from erde.training.airnet import init_whitening
 from erde.training.macs import exit_macs
 from erde.training.models import build_model, keep_exits, model_config
 
@@ -34,8 +36,9 @@ def test_the_wide_student_keeps_the_first_block_and_puts_its_macs_after_the_firs
     assert wide.cumulative[0] / wide.full < 0.25 < narrow.cumulative[0] / narrow.full
 
 
-def test_whitening_weights_are_frozen_and_whiten_the_patches():
-    model = build_model(model_config("air32_ee"))
+@pytest.mark.parametrize("arch, channels", [("air32_ee", 24), ("air32w16_ee", 16)])
+def test_whitening_weights_are_frozen_and_whiten_the_patches(arch, channels):
+    model = build_model(model_config(arch))
     conv = model.stem[0]
     assert not conv.weight.requires_grad and conv.bias.requires_grad
     assert all(not m.weight.requires_grad for n, m in model.blocks.named_modules() if n.endswith("norm1"))
@@ -43,12 +46,32 @@ def test_whitening_weights_are_frozen_and_whiten_the_patches():
     images = torch.randn(64, 3, 32, 32, generator=g)
     images = images + 0.8 * torch.roll(images, 1, dims=3)  # neighbouring pixels correlate
     init_whitening(model, images)
-    assert conv.weight.shape[0] == WHITEN_WIDTH
-    out = torch.nn.functional.conv2d(images, conv.weight[:WHITEN_WIDTH // 2])  # the +eigenvector half
-    flat = out.transpose(0, 1).reshape(WHITEN_WIDTH // 2, -1)
+    half = channels // 2
+    assert conv.weight.shape[0] == channels and model.blocks[0].conv1.in_channels == channels
+    out = torch.nn.functional.conv2d(images, conv.weight[:half])  # the +eigenvector half
+    flat = out.transpose(0, 1).reshape(half, -1)
     cov = flat @ flat.T / flat.shape[1]
-    torch.testing.assert_close(cov, torch.eye(WHITEN_WIDTH // 2), atol=0.05, rtol=0)
-    torch.testing.assert_close(conv.weight[WHITEN_WIDTH // 2:], -conv.weight[:WHITEN_WIDTH // 2])
+    torch.testing.assert_close(cov, torch.eye(half), atol=0.05, rtol=0)
+    torch.testing.assert_close(conv.weight[half:], -conv.weight[:half])
+
+
+def test_the_16_channel_stem_keeps_the_leading_eigenvectors():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(64, 3, 32, 32, generator=g)
+    images = images + 0.8 * torch.roll(images, 1, dims=3)
+    full, small = build_model(model_config("air32w_ee")), build_model(model_config("air32w16_ee"))
+    init_whitening(full, images)
+    init_whitening(small, images)
+    torch.testing.assert_close(small.stem[0].weight[:8], full.stem[0].weight[:8])
+    assert exit_macs(small).cumulative[0] < exit_macs(full).cumulative[0]
+
+
+@pytest.mark.parametrize("channels", [0, 7, 26])
+def test_bad_whiten_channels_are_refused(channels):
+    from erde.runtime.errors import ErdeError
+
+    with pytest.raises(ErdeError, match="whiten_channels"):
+        build_model(dataclasses.replace(model_config("air32w_ee"), whiten_channels=channels))
 
 
 def test_exits_are_checked():

@@ -7,7 +7,7 @@ BatchNorms have no learnt scale (only a shift), a fast running average and a tin
 convolutions start as identities on their first input channels. Early exits are the
 paper's heads (``models.ExitHead``) after chosen blocks.
 
-    x [N,3,32,32] -> stem (whiten 2x2 + act) [N,24,31,31]
+    x [N,3,32,32] -> stem (whiten 2x2 + act) [N,c,31,31]   (c = whiten_channels, 24 by default)
       -> block 0 [N,w1,15,15] -> block 1 [N,w2,7,7] -> block 2 [N,w3,3,3] -> final [N,K]
 
 The whitening weights come from the training images (``init_whitening``) and stay
@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from erde.runtime.errors import ErdeError
 from .models import EarlyExitNet, ExitHead, ModelConfig
 
 WHITEN_KERNEL = 2
-WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # each eigenvector of the 2x2x3 patches, with both signs
+MAX_WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # every eigenvector of the 2x2x3 patches, with both signs
 
 
 def _act(name: str) -> nn.Module:
@@ -69,13 +70,16 @@ class AirNet(EarlyExitNet):
         super().__init__()
         self.cfg = cfg
         widths = cfg.stage_widths
-        whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
+        c_in = cfg.whiten_channels
+        if not (isinstance(c_in, int) and 2 <= c_in <= MAX_WHITEN_CHANNELS and c_in % 2 == 0):
+            raise ErdeError(f"whiten_channels={c_in!r}: need an even number from 2 to {MAX_WHITEN_CHANNELS}")
+        whiten = nn.Conv2d(3, c_in, WHITEN_KERNEL, padding=0, bias=True)
         whiten.weight.requires_grad_(False)
         with torch.no_grad():
             whiten.bias.zero_()
         self.stem = nn.Sequential(whiten, _act(cfg.activation))
         h = cfg.input_size[0] - WHITEN_KERNEL + 1
-        blocks, shapes, c_in = [], [], WHITEN_WIDTH
+        blocks, shapes = [], []
         for c in widths:
             blocks.append(ConvGroup(c_in, c, cfg.activation))
             h, c_in = h // 2, c
@@ -89,12 +93,14 @@ class AirNet(EarlyExitNet):
 
 @torch.no_grad()
 def init_whitening(model: AirNet, images: torch.Tensor, eps: float = 5e-4) -> None:
-    """Set the frozen stem conv to the ZCA-like whitening of the 2x2 patches of ``images`` (normalised [N,3,H,W])."""
+    """Set the frozen stem conv to the ZCA-like whitening of the 2x2 patches of ``images`` (normalised [N,3,H,W]):
+    its leading eigenvectors, as many as half the stem's channels, with both signs."""
     conv = model.stem[0]
     k = conv.weight.shape[-1]
     patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
     cov = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
     eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)  # largest first
-    filters = (eigenvectors / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
+    keep = conv.weight.shape[0] // 2
+    filters = (eigenvectors[:keep] / torch.sqrt(eigenvalues[:keep] + eps)[:, None]).reshape(-1, 3, k, k)
     conv.weight.copy_(torch.cat([filters, -filters]))

@@ -295,8 +295,8 @@ def air32w_ee(num_classes: int = 10) -> ModelConfig:
 @register
 def air32w16_ee(num_classes: int = 10) -> ModelConfig:
     """air32w_ee with a 16-channel whitening stem (the 8 leading eigenvectors of the 2x2x3 patches, both signs):
-    24 channels run padded to 32 in onnxruntime's x86 NCHWc kernels, and 16 made its first block about a third
-    faster on an AMD EPYC."""
+    24 channels run padded to 32 in onnxruntime's x86 NCHWc kernels; with 16 its first exit answers in 0.076
+    against 0.115 ms on an AMD EPYC at 1 thread (benchmarks/results/student-choice-v5)."""
     return replace(_airnet("air32w16_ee", (32, 128, 256), "relu", num_classes), whiten_channels=16)
 
 

@@ -2,8 +2,8 @@
 
     python scripts/bundle_model.py --data ../shared/datasets/cifar10 [--checkpoint PT | --source MODEL_DIR]
 
-Exports ``--checkpoint`` (default: the committed ERDE student in ``benchmarks/results/bundle-student``:
-study v3's recipe for its seed 1 trained 20 epochs instead of 10) into a temporary folder, or takes an exported model folder
+Exports ``--checkpoint`` (default: the committed ``air32w16_ee`` ERDE student in
+``benchmarks/results/bundle-student``, study v3's recipe for seed 1 trained 20 epochs) into a temporary folder, or takes an exported model folder
 (``--source``), measures its latency profile on this machine at
 ``--profile-threads`` (``erde-profile``, one fresh process per thread count: run it on a quiet
 machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
@@ -32,7 +32,7 @@ from erde.runtime.files import build_folder
 from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_erde20_seed1.pt"
+STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_w16_erde20_seed1.pt"
 BUNDLED = REPO / "runtime" / "models" / "cifar10"
 SAMPLES = REPO / "runtime" / "samples"
 
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=Path, default=STUDENT,
-                     help="a student checkpoint to export and bundle (default: the 20-epoch ERDE student)")
+                     help="a student checkpoint to export and bundle (default: the air32w16_ee ERDE student)")
     src.add_argument("--source", type=Path, default=None, help="an exported model folder to bundle instead")
     ap.add_argument("--max-drop", type=finite_number, default=DEFAULT_MAX_DROP_POINTS,
                     help="accuracy drop allowed, in points")

@@ -4,10 +4,10 @@ At batch 1 every shape is fixed, so the engine binds, once per thread, an input
 buffer for the image, a probabilities buffer for every exit, and a feature
 buffer that is at the same time the output of segment k and the input of
 segment k+1. A call is then only ``run_with_iobinding``: no feed dictionaries,
-no output arrays allocated, no feature map copied between segments. On the
-bundled model at 1 thread this takes 6-9 microseconds (about 2%) off a pass
-through its three segments; a single graph such as full.onnx gains nothing
-measurable, so ``Engine.run_full`` keeps ``session.run``.
+no output arrays allocated, no feature map copied between segments. In the
+edge benchmark records at 1 thread it took the pass through every segment of the
+bundled model of the time from 1.07x to 1.05x its full.onnx; a single graph such
+as full.onnx gained nothing measurable, so ``Engine.run_full`` keeps ``session.run``.
 
 The buffers are reused by the next call: copy what must outlive it.
 """

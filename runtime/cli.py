@@ -111,7 +111,7 @@ def _thread_hint(engine, threads: Optional[int], prof, cost) -> str:
     than ``cost(prof)`` by more than both profiles' run-to-run spread ("" otherwise)."""
     from .profile import other_thread_counts
 
-    others = [(cost(p), p) for p in other_thread_counts(engine.folder, engine.manifest, threads) if cost(p)]
+    others = [(ms, p) for p in other_thread_counts(engine.folder, engine.manifest, threads) if (ms := cost(p))]
     if not others:
         return ""
     best_ms, best = min(others, key=lambda c: c[0])

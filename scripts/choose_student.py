@@ -66,8 +66,9 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Di
     test_folder = image_folder_split(data, "test")
     test = cal.validation_probs(engine, test_folder.files)
     cum = [s.cumulative_macs for s in m.segments]
-    out = {"name": name, "arch": m.model_name, "training": training(ckpt), "exits": len(cum), "cumulative_macs": cum,
-           "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms), "cumulative_ms": list(prof.cumulative_ms),
+    out = {"name": name, "arch": m.model_name, "training": training(ckpt), "exits": len(cum),
+           "cumulative_macs": cum, "full_macs": m.full_macs, "segment_ms": list(prof.segment_ms),
+           "cumulative_ms": list(prof.cumulative_ms),
            "full_ms": prof.full_ms, "chain_over_full": prof.cumulative_ms[-1] / prof.full_ms,
            "profile": prof.machine.describe(), "folder": str(folder.relative_to(REPO) if folder.is_relative_to(REPO)
                                                             else folder.name)}
@@ -175,8 +176,9 @@ def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd
          "score (val) |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for c in cands:
         acc = " / ".join(f"{100 * a:.1f}" for a in c["val"]["exit_accuracy"])
-        L.append(f"| `{c['name']}` ({c['arch']}) | {c.get('training', '?')} | {c['exits']} | {c['full_macs'] / 1e6:.1f} M | {c['full_ms']:.3f} "
-                 f"| {c['chain_over_full']:.2f}x | {acc} | {100 * choice['scores'][c['name']]:.2f}% |")
+        L.append(f"| `{c['name']}` ({c['arch']}) | {c.get('training', '?')} | {c['exits']} | "
+                 f"{c['full_macs'] / 1e6:.1f} M | {c['full_ms']:.3f} | {c['chain_over_full']:.2f}x | {acc} | "
+                 f"{100 * choice['scores'][c['name']]:.2f}% |")
     L += ["", "Per exit: cumulative latency (ms) and MACs, from each candidate's profile:", ""]
     for c in cands:
         L.append(f"- `{c['name']}`: " + ", ".join(f"exit {k + 1} {ms:.3f} ms / {macs / 1e6:.1f} M"

@@ -78,6 +78,17 @@ def test_exits_match_numpy_reference(folder, eng, criterion, thresholds):
     assert mixed, "the fixture model should send samples to all three exits at some threshold"
 
 
+def test_batch1_max_prob_compares_in_float32(eng):
+    # a threshold one double ulp above an image's exit-0 confidence rounds to it in float32: the image leaves there,
+    # at batch 1 as in a batch (a comparison in doubles would keep it running)
+    x = X[:1]
+    confidence = eng.exit_probs(x)[0, 0].max()
+    t = float(np.nextafter(np.float64(confidence), 2.0))
+    assert t > float(confidence) and np.float32(t) == confidence
+    assert eng.predict_array(x, t, "max-prob")[0].exit_index == 0
+    assert eng.predict_array(np.repeat(x, 2, axis=0), t, "max-prob")[0].exit_index == 0
+
+
 def test_threshold_edges(eng):
     assert {p.exit_index for p in eng.predict_array(X, 0.0, "max-prob")} == {0}
     assert {p.exit_index for p in eng.predict_array(X, 1.0, "entropy")} == {0}

@@ -117,8 +117,9 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     x = torch.randn(2, 3, h, w)
     segments, problems = [], []
     names_in = input_names(num_exits)
+    traced = model.for_export()  # the same answers, arranged for inference; parity checks it against model
     for k in range(num_exits):
-        module = SegmentModule(model, k).eval()
+        module = SegmentModule(traced, k).eval()
         outs = output_names(k, num_exits)
         file = f"segment_{k}.onnx"
         proto = _export_graph(module, x, folder / file, [names_in[k]], outs, {**essentials, "erde_segment": str(k)})
@@ -137,7 +138,7 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
         ))
         x = y[0] if k < num_exits - 1 else x
     image = torch.randn(2, 3, h, w)
-    full_proto = _export_graph(FullPath(model).eval(), image, folder / "full.onnx", ["image"], ["probs"],
+    full_proto = _export_graph(FullPath(traced).eval(), image, folder / "full.onnx", ["image"], ["probs"],
                                {**essentials, "erde_segment": "full"})
     counted = onnx_macs(full_proto)
     if abs(counted - macs.full) > MACS_RTOL * macs.full:

@@ -79,3 +79,39 @@ def test_exits_are_checked():
 
     with pytest.raises(ErdeError, match="exits"):
         model_config("air32_ee", exit_after=(2,))
+
+
+def _with_running_stats(model, seed=0):
+    """Random BatchNorm statistics and shifts, as training leaves them (the backbone norms' scale stays 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_the_export_view_folds_the_first_norm_through_the_pool_with_the_same_answers(activation):
+    cfg = dataclasses.replace(model_config("air32w16_ee"), activation=activation)
+    model = _with_running_stats(build_model(cfg))
+    view = model.for_export()
+    assert all(type(b).__name__ == "_FoldedConvGroup" for b in view.blocks)
+    assert all(type(b).__name__ == "ConvGroup" for b in model.blocks)  # a copy: the trained model is untouched
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), view(x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_a_norm_with_a_scale_not_above_zero_is_left_in_place():
+    model = _with_running_stats(build_model(model_config("air32w16_ee")))
+    with torch.no_grad():
+        model.blocks[1].norm1.weight[3] = -0.5  # max pool and a negative scale do not commute
+    view = model.for_export()
+    assert [type(b).__name__ for b in view.blocks] == ["_FoldedConvGroup", "ConvGroup", "_FoldedConvGroup"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x)[-1], model(x)[-1], rtol=1e-4, atol=1e-4)

@@ -141,3 +141,26 @@ def test_the_single_graph_gives_the_chains_answers(exported):
         assert [(p.exit_index, p.class_index) for p in chain] == [(p.exit_index, p.class_index) for p in single]
         assert max(abs(a.confidence - b.confidence) for a, b in zip(chain, single)) < 1e-5
     assert all(eng.time_to_exit(x[:1], k) > 0 for k in range(eng.num_exits))
+
+
+def test_an_airnet_exports_with_its_block_norms_folded_and_the_same_answers(tmp_path):
+    from erde.training.checkpoint import make_checkpoint, save_checkpoint
+    from erde.training.models import build_model, model_config
+
+    torch.manual_seed(0)
+    net = build_model(model_config("air32w16_ee")).eval()
+    with torch.no_grad():  # statistics away from the identity, as training leaves them
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    ckpt = make_checkpoint(net, kind="student", class_names=list("abcdefghij"),
+                           preprocessing={"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+                           train_args={"arch": "air32w16_ee"}, metrics={}, progress={"epoch": 1, "epochs": 1})
+    save_checkpoint(ckpt, tmp_path / "air.pt")
+    export_checkpoint(tmp_path / "air.pt", tmp_path / "air", parity_batch=4)  # raises unless it answers like torch
+    ops = {f: [n.op_type for n in onnx.load(str(tmp_path / "air" / f)).graph.node]
+           for f in ("full.onnx", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx")}
+    assert ops["full.onnx"].count("BatchNormalization") == 0
+    assert [ops[f"segment_{k}.onnx"].count("BatchNormalization") for k in range(3)] == [1, 1, 0]  # the exit heads'

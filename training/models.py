@@ -152,6 +152,11 @@ class EarlyExitNet(nn.Module):
         head = self.heads[k] if k < len(self.heads) else self.final
         return x, head(x)
 
+    def for_export(self) -> "EarlyExitNet":
+        """The network the ONNX graphs are traced from: the same answers, rearranged for inference where a
+        family can (``AirNet``); the trained module itself otherwise."""
+        return self
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """All exits' logits, [N,K] each, early exits first and the final exit last."""
         logits = []

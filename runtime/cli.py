@@ -88,7 +88,7 @@ def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[
         if not prof.full_ms:
             return ""
         return (f"expected latency: {prof.full_ms:.3f} ms per image for full.onnx, batch 1 ({prof.machine.describe()})"
-                + _thread_hint(engine, threads, prof, lambda p: p.full_ms))
+                + _thread_hint(engine, threads, prof, lambda p: [(p.full_ms, "")]))
     full = f"; full.onnx {prof.full_ms:.3f} ms" if prof.full_ms else ""
     try:
         row = row_at(read_table(engine.folder, engine.num_exits), criterion, threshold)
@@ -103,22 +103,27 @@ def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[
         full += ", faster than early exit here: --static runs it"
     return (f"expected latency: {expected_ms:.3f} ms per image at this threshold, batch 1 "
             f"({prof.machine.describe()}; validation exit shares){full}"
-            + _thread_hint(engine, threads, prof, lambda p: p.expected_ms(row.exit_shares)))
+            + _thread_hint(engine, threads, prof,
+                           lambda p: [(p.expected_ms(row.exit_shares), ""), (p.full_ms, " --static")]))
 
 
-def _thread_hint(engine, threads: Optional[int], prof, cost) -> str:
-    """"; N threads expected faster here" when this machine's profile at another thread count expects less
-    than ``cost(prof)`` by more than both profiles' run-to-run spread ("" otherwise)."""
+def _thread_hint(engine, threads: Optional[int], prof, options) -> str:
+    """"; N threads expected faster here" for the fastest of ``options(profile)`` (pairs of ms and the extra
+    flag: "" or " --static") in this machine's profiles at other thread counts, when it beats the best option
+    at this one by more than both profiles' run-to-run spread ("" otherwise)."""
     from .profile import other_thread_counts
 
-    others = [(ms, p) for p in other_thread_counts(engine.folder, engine.manifest, threads) if (ms := cost(p))]
-    if not others:
+    here_ms = min((ms for ms, _ in options(prof) if ms), default=None)
+    others = [(ms, flag, p) for p in other_thread_counts(engine.folder, engine.manifest, threads)
+              for ms, flag in options(p) if ms]
+    if not here_ms or not others:
         return ""
-    best_ms, best = min(others, key=lambda c: c[0])
-    if best_ms >= cost(prof) * (1.0 - max(prof.spread, best.spread)):
+    best_ms, flag, best = min(others, key=lambda c: c[0])
+    if best_ms >= here_ms * (1.0 - max(prof.spread, best.spread)):
         return ""
     n = best.machine.threads
-    return f"; {n} thread{'s' * (n != 1)} expected faster here ({best_ms:.3f} ms): --threads {n}"
+    what = f"{n} thread{'s' * (n != 1)}" + (" with full.onnx" if flag else "")
+    return f"; {what} expected faster here ({best_ms:.3f} ms): --threads {n}{flag}"
 
 
 def static_predictions(engine, x: np.ndarray) -> List[Prediction]:

@@ -238,5 +238,7 @@ def test_erde_run_names_a_faster_thread_count(model, capsys, tmp_path):
     assert line((0.05, 0.1, 0.15), 0.3, "--threshold", "0.5").endswith(
         "; 2 threads expected faster here (0.175 ms): --threads 2")
     assert line((0.05, 0.1, 0.15), 0.3, "--static").endswith("; 2 threads expected faster here (0.300 ms): --threads 2")
+    assert line((0.1, 0.2, 0.3), 0.2, "--threshold", "0.5").endswith(  # the static graph at 2 threads beats both
+        "; 2 threads with full.onnx expected faster here (0.200 ms): --threads 2 --static")
     assert "--threads" not in line((0.1, 0.2, 0.295), 0.54, "--threshold", "0.5")  # 0.7% less: within the spread
     assert "--threads" not in line((0.1, 0.2, 0.295), 0.55, "--static")

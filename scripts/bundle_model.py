@@ -3,7 +3,7 @@
     python scripts/bundle_model.py --data ../shared/datasets/cifar10 [--checkpoint PT | --source MODEL_DIR]
 
 Exports ``--checkpoint`` (default: the committed ``air32w16_ee`` ERDE student in
-``benchmarks/results/bundle-student``, study v3's recipe for seed 1 trained 20 epochs) into a temporary folder, or takes an exported model folder
+``benchmarks/results/bundle-student``, study v3's recipe for seed 1 trained 40 epochs) into a temporary folder, or takes an exported model folder
 (``--source``), measures its latency profile on this machine at
 ``--profile-threads`` (``erde-profile``, one fresh process per thread count: run it on a quiet
 machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
@@ -32,7 +32,7 @@ from erde.runtime.files import build_folder
 from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_w16_erde20_seed1.pt"
+STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
 BUNDLED = REPO / "runtime" / "models" / "cifar10"
 SAMPLES = REPO / "runtime" / "samples"
 

@@ -13,6 +13,10 @@ point (expected latency in ms, validation accuracy); each candidate's static
 range every candidate covers. The test split is read only for the report's
 final check, after the choice. Run it on a quiet machine: it times.
 
+With ``--int8`` every candidate is compared as its static INT8 copy instead
+(erde-quantize of the exported folder, calibrated on validation images): the
+choice for a board that runs int8.
+
 Writes --out/{README.md, curves.csv, choice.json, plot.png}.
 """
 
@@ -22,6 +26,7 @@ import argparse
 import csv
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -42,8 +47,9 @@ from erde.runtime.profile import ProfileError, find_profile, measure, save_profi
 REPO = Path(__file__).resolve().parents[1]
 
 
-def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Dict:
-    """``spec``: a checkpoint, or ``CHECKPOINT:I,J`` to export it with only the early exits after blocks I, J."""
+def candidate(spec: str, work: Path, data: Path, threads: int, calls: int, int8: bool = False) -> Dict:
+    """``spec``: a checkpoint, or ``CHECKPOINT:I,J`` to export it with only the early exits after blocks I, J.
+    ``int8``: measure the folder's int8 copy (``erde-quantize``) instead of the fp32 graphs."""
     path, _, exits = spec.partition(":")
     ckpt = Path(path)
     keep = tuple(int(v) for v in exits.split(",")) if exits else None
@@ -54,6 +60,8 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Di
         sha = load_manifest(folder).source.get("checkpoint_sha256")
     if sha != sha256_file(ckpt):
         export_checkpoint(ckpt, folder, force=True, exits=keep)
+    if int8:
+        folder = quantized(folder, work / (name + "_int8_onnx"), data, sha256_file(ckpt))
     engine = Engine.load(folder, threads=threads)
     m = engine.manifest
     try:
@@ -78,6 +86,17 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int) -> Di
                       "curve": [{"threshold": r.threshold, "accuracy": r.accuracy, "mean_macs": r.mean_macs,
                                  "expected_ms": prof.expected_ms(r.exit_shares), "exit_shares": list(r.exit_shares)}
                                 for r in rows]}
+    return out
+
+
+def quantized(folder: Path, out: Path, data: Path, checkpoint_sha256: str) -> Path:
+    """``out``, the int8 copy of ``folder``, written by erde-quantize unless it already holds that checkpoint's.
+    In a child process: onnxruntime's calibrator opens sessions of its own, which this process's shared thread
+    pool would refuse."""
+    if not (out / "manifest.json").exists() or \
+            load_manifest(out).source.get("checkpoint_sha256") != checkpoint_sha256:
+        subprocess.run([sys.executable, "-m", "erde.export.quantize", str(folder), "--data", str(data),
+                        "--out", str(out), "--force"], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -163,17 +182,20 @@ def plot(cands: List[Dict], path: Path) -> bool:
 
 
 def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd: str,
-           bundled: Optional[Dict] = None) -> str:
-    L = ["# Choosing the CIFAR-10 student by measured latency", "",
-         f"Machine: {machine_line}; onnxruntime, batch 1, {threads} thread(s). Command:", "", f"    {cmd}", "",
-         "Each candidate's training (loss, recipe, epochs: from its checkpoint) is in the table; the "
-         "comparison holds only as far as those match. Each is exported, profiled on this machine "
-         "(`erde-profile`), and swept over max-prob thresholds on the validation split carved from the training "
-         "data. Expected latency = sum over exits of (share of images leaving there) x (measured cumulative "
-         "latency of that exit).", "",
-         f"**Rule:** {choice['rule']}. **Chosen: `{choice['chosen']}`.**", "",
-         "| candidate | training | exits | full MACs | full.onnx ms | all segments / full.onnx | val acc per exit | "
-         "score (val) |", "|---|---|---:|---:|---:|---:|---|---:|"]
+           bundled: Optional[Dict] = None, int8: bool = False) -> str:
+    L = ["# Choosing the CIFAR-10 student by measured latency" + (", as int8 copies" if int8 else ""), "",
+         f"Machine: {machine_line}; onnxruntime, batch 1, {threads} thread(s). Command:", "", f"    {cmd}", ""]
+    if int8:
+        L += ["Every graph below is the candidate's static INT8 copy (`erde-quantize`: QDQ, per-channel int8 "
+              "weights, uint8 activations, calibrated on 200 validation images), profiled and swept as it is.", ""]
+    L += ["Each candidate's training (loss, recipe, epochs: from its checkpoint) is in the table; the "
+          "comparison holds only as far as those match. Each is exported, profiled on this machine "
+          "(`erde-profile`), and swept over max-prob thresholds on the validation split carved from the training "
+          "data. Expected latency = sum over exits of (share of images leaving there) x (measured cumulative "
+          "latency of that exit).", "",
+          f"**Rule:** {choice['rule']}. **Chosen: `{choice['chosen']}`.**", "",
+          "| candidate | training | exits | full MACs | full.onnx ms | all segments / full.onnx | val acc per exit | "
+          "score (val) |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for c in cands:
         acc = " / ".join(f"{100 * a:.1f}" for a in c["val"]["exit_accuracy"])
         L.append(f"| `{c['name']}` ({c['arch']}) | {c.get('training', '?')} | {c['exits']} | "
@@ -217,15 +239,17 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--bundled", help="the student trained for the chosen candidate (CHECKPOINT[:I]): reported "
                                       "against every candidate's static point, not part of the choice")
+    ap.add_argument("--int8", action="store_true", help="compare the candidates' int8 copies (erde-quantize)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
     args = ap.parse_args(argv)
     session_options(threads=args.threads)  # the process's shared pool at the measured thread count, before exports
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    cands = [candidate(c, args.work, args.data, args.threads, args.calls) for c in args.checkpoints]
+    cands = [candidate(c, args.work, args.data, args.threads, args.calls, args.int8) for c in args.checkpoints]
     choice = choose(cands)
-    bundled = candidate(args.bundled, args.work, args.data, args.threads, args.calls) if args.bundled else None
+    bundled = (candidate(args.bundled, args.work, args.data, args.threads, args.calls, args.int8)
+               if args.bundled else None)
     cmd = "python scripts/choose_student.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_atomic(args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
         {k: v for k, v in c.items() if k not in ("val", "test")} | {"val_exit_accuracy": c["val"]["exit_accuracy"],
@@ -233,7 +257,7 @@ def main(argv=None) -> int:
         for c in cands]}, indent=2) + "\n")
     write_atomic(args.out / "curves.csv", curves_csv(cands))
     plot(cands, args.out / "plot.png")
-    write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd, bundled))
+    write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd, bundled, args.int8))
     print(f"chosen: {choice['chosen']} ({json.dumps(choice['scores'])}); wrote {args.out}")
     return 0
 

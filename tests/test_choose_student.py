@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from erde.runtime.manifest import load_manifest
+
 import choose_student
 
 
@@ -36,3 +38,17 @@ def test_the_report_says_how_each_candidate_was_trained(tiny_student):
     text = choose_student.readme([a, b], choose_student.choose([a, b]), "cpu", 1, "cmd")
     assert "| `a` (a) | erde, airbench, 20 epochs |" in text and "| `b` (b) | ce, sgd, 10 epochs |" in text
     assert "same schedule" not in text
+
+
+def test_int8_candidates_are_quantized_once_and_reused(exported, tiny_data, tmp_path):
+    sha = load_manifest(exported[0]).source["checkpoint_sha256"]
+    out = choose_student.quantized(exported[0], tmp_path / "q", tiny_data, sha)
+    m = load_manifest(out)
+    assert all(s.precision == "int8" for s in m.segments) and m.source["checkpoint_sha256"] == sha
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert choose_student.quantized(exported[0], out, tiny_data, sha) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # the same checkpoint: not quantized again
+    a = _cand("a", [(0.5, 0.7)])
+    text = choose_student.readme([a], choose_student.choose([a]), "cpu", 1, "cmd", int8=True)
+    assert text.startswith("# Choosing the CIFAR-10 student by measured latency, as int8 copies")
+    assert "static INT8 copy" in text

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import criteria
-from .binding import BoundChain, PlainChain, bind_chain
+from .binding import BoundChain, ExitTest, PlainChain, bind_chain, run_until
 from .errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
@@ -38,6 +38,20 @@ MAX_RUN_BATCH = 256
 def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
     """Which rows of ``probs`` [N, K] may leave at this exit (bool [N]): ``criteria.passes``, checked."""
     return criteria.passes(probs, criteria.check_criterion(criterion), threshold)
+
+
+def _exit_test(criterion: str, threshold: float) -> ExitTest:
+    """``exit_mask`` for one image's probabilities as Python floats. The threshold is rounded to float32 once,
+    so the comparison stays the one exit_mask makes (float32 probabilities against a float32 threshold)."""
+    if criterion == "max-prob":
+        t32 = float(np.float32(threshold))
+        return lambda values: max(values) >= t32
+    return lambda values: bool(criteria.normalized_entropy(np.asarray(values, dtype=np.float32)) <= threshold)
+
+
+def _stage_ms(marks: Sequence[float]) -> Tuple[float, ...]:
+    """Milliseconds between consecutive ``time.perf_counter()`` marks."""
+    return tuple((b - a) * 1000.0 for a, b in zip(marks, marks[1:]))
 
 
 def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
@@ -240,64 +254,40 @@ class Engine:
             chain = self._bound.chain = bind_chain(self._stages, self._input_shape, self._num_classes)
         return chain
 
-    def _run_bound(self, chain: Union[BoundChain, PlainChain], k: int) -> np.ndarray:
-        """Stage ``k`` of a batch-1 chain: its probabilities [1, K]. If it fails or answers in another shape,
-        it runs again through ``_run_stage``, which raises the one-line error."""
-        try:
-            probs = chain.run(k)
-            if probs.shape == (1, self._num_classes):
-                return probs
-        except Exception:
-            pass
-        self._run_stage(chain.stages[k], chain.feed(k))
-        raise ModelFolderError(f"{self.folder / chain.stages[k].file}: onnxruntime could not run this graph "
-                               "through bound buffers; re-export the model folder")
+    def _explain_failure(self, chain: Union[BoundChain, PlainChain]) -> None:
+        """A batch-1 run failed: run its stages again through ``_run_stage``, which raises the one-line error
+        of the graph at fault; if none fails that way, say the chain could not run."""
+        feed = chain.feed(0)
+        for stage in chain.stages:
+            outputs = self._run_stage(stage, feed)
+            feed = outputs[1] if len(outputs) > 1 else feed
+        raise ModelFolderError(f"{self.folder}: onnxruntime could not run the segment chain through bound buffers; "
+                               "re-export the model folder")
 
-    def _prediction(self, class_index: int, confidence: float, exit_index: int, cum_ms: List[float],
-                    times_ms: List[float]) -> Prediction:
+    def _prediction(self, class_index: int, confidence: float, exit_index: int,
+                    stage_ms: Sequence[float]) -> Prediction:
+        """``stage_ms``: the milliseconds of every stage that ran (at least up to ``exit_index``)."""
+        seg = tuple(stage_ms[:exit_index + 1])
         macs = self._cum_macs[exit_index]
-        return Prediction(
-            class_index=class_index, class_name=self.manifest.class_names[class_index], confidence=confidence,
-            exit_index=exit_index, num_exits=len(self._stages), macs=macs, macs_fraction=macs / self._full_macs,
-            latency_ms=cum_ms[exit_index], segment_latency_ms=tuple(times_ms[:exit_index + 1]))
+        return Prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
+                          len(self._stages), macs, macs / self._full_macs, sum(seg), seg)
 
     def _run_one(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool) -> Prediction:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
-        This is the hot path whose overhead against full.onnx the benchmark reports, so it does the
-        least Python work per segment (no per-call checks beyond the probabilities' shape) and runs the
-        segments through buffers bound once per thread (``erde.runtime.binding``).
+        This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
+        buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure.
         """
         if self._single is not None:
             return self._run_single(x, criterion, threshold if early_exit else None)
         chain = self._chain()
-        last = len(self._stages) - 1
-        max_prob = criterion == "max-prob"
-        # Python floats are quicker than numpy calls on 10 values; rounding the threshold to float32 keeps
-        # the comparison exit_mask makes (float32 probabilities against a float32 threshold).
-        t32 = float(np.float32(threshold))
-        clock = time.perf_counter
-        marks = []
-        chain.load(x)
-        start = clock()
-        for k in range(last + 1):
-            probs = self._run_bound(chain, k)
-            values = probs[0].tolist()
-            confidence = max(values)
-            if k == last:
-                leave = True
-            elif not early_exit:
-                leave = False
-            elif max_prob:
-                leave = confidence >= t32
-            else:
-                leave = criteria.normalized_entropy(probs[0]) <= threshold
-            marks.append(clock())
-            if leave:
-                break
-        cum_ms = [(t - start) * 1000.0 for t in marks]
-        times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
-        return self._prediction(values.index(confidence), confidence, k, cum_ms, times_ms)
+        try:
+            k, values, marks = run_until(chain, x, _exit_test(criterion, threshold) if early_exit else None)
+        except Exception:
+            self._explain_failure(chain)
+            raise
+        confidence = max(values)
+        return self._prediction(values.index(confidence), confidence, k, _stage_ms(marks))
 
     def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[float],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:
@@ -327,7 +317,7 @@ class Engine:
         probs, k, ms = self._single_call(x, criterion, threshold, leave_at)
         p = probs[0]
         c = int(p.argmax())
-        return self._prediction(c, float(p[c]), k, [ms] * (k + 1), [ms])
+        return self._prediction(c, float(p[c]), k, [ms])
 
     def single_graph_probs(self, x: np.ndarray, leave_at: int) -> Tuple[np.ndarray, int]:
         """early_exit.onnx forced to answer at exit ``leave_at``: (probabilities [1,K], the exit it reports)."""
@@ -340,12 +330,8 @@ class Engine:
         """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""
         if self._single is not None:
             return self._run_single(x, "max-prob", None, leave_at=k).latency_ms
-        chain = self._chain()
-        chain.load(x)
-        start = time.perf_counter()
-        for j in range(k + 1):
-            max(chain.run(j)[0].tolist()) >= 2.0  # the exit test _run_one does
-        return (time.perf_counter() - start) * 1000.0
+        _, _, marks = run_until(self._chain(), x, _exit_test("max-prob", 2.0), last=k)  # nobody leaves early
+        return (marks[-1] - marks[0]) * 1000.0
 
     @property
     def single_graph(self) -> bool:
@@ -388,9 +374,8 @@ class Engine:
                 feed = outputs[1][keep]
             else:
                 feed = outputs[1]
-        times_ms = [(t - s) * 1000.0 for s, t in zip([start] + marks[:-1], marks)]
-        cum_ms = [(t - start) * 1000.0 for t in marks]
-        return [self._prediction(c, conf, e, cum_ms, times_ms)
+        times_ms = _stage_ms([start] + marks)
+        return [self._prediction(c, conf, e, times_ms)
                 for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist())]
 
 

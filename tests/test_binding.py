@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from erde.runtime.binding import BoundChain, PlainChain, bind_chain
+from erde.runtime.binding import BoundChain, PlainChain, bind_chain, run_until
 from erde.runtime.engine import Engine
 from erde.runtime.stages import _Stage
 from runtime_fixtures import make_model_folder, random_inputs
@@ -84,3 +84,29 @@ def test_each_thread_has_its_own_buffers(eng):
     for t in threads:
         t.join()
     assert not bad
+
+
+@pytest.mark.parametrize("make", [lambda eng: bind_chain(eng._stages, eng._input_shape, 4),
+                                  lambda eng: PlainChain(eng._stages, 4)])
+def test_run_until_stops_at_the_first_exit_that_lets_the_image_leave(eng, make):
+    chain, x = make(eng), random_inputs(1)
+    probs = [p.tolist()[0] for p in run_all(chain, x)]
+    seen = []
+
+    def leave_at_1(values):
+        seen.append(values)
+        return len(seen) == 2
+
+    k, values, marks = run_until(chain, x, leave_at_1)
+    assert k == 1 and values == probs[1] and seen == probs[:2]
+    assert len(marks) == 3 and marks == sorted(marks)  # the start, then one mark per stage that ran
+    k, values, marks = run_until(chain, x, None)  # nobody leaves early: the last stage answers
+    assert k == len(chain.stages) - 1 and values == probs[-1] and len(marks) == len(chain.stages) + 1
+    k, _, marks = run_until(chain, x, None, last=0)
+    assert k == 0 and len(marks) == 2
+
+
+def test_a_plain_chain_refuses_probabilities_of_another_shape(eng):
+    chain = PlainChain(eng._stages, 5)  # the graphs answer 4 classes
+    with pytest.raises(ValueError, match=r"probabilities of shape \(1, 4\), expected \[1, 5\]"):
+        run_until(chain, random_inputs(1), None)

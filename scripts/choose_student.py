@@ -55,13 +55,11 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int, int8:
     keep = tuple(int(v) for v in exits.split(",")) if exits else None
     name = ckpt.stem + (f"_x{''.join(map(str, keep))}" if keep else "")
     folder = work / (name + "_onnx")
-    sha = None
-    if (folder / "manifest.json").exists():
-        sha = load_manifest(folder).source.get("checkpoint_sha256")
-    if sha != sha256_file(ckpt):
+    sha = sha256_file(ckpt)
+    if not holds(folder, sha):
         export_checkpoint(ckpt, folder, force=True, exits=keep)
     if int8:
-        folder = quantized(folder, work / (name + "_int8_onnx"), data, sha256_file(ckpt))
+        folder = quantized(folder, work / (name + "_int8_onnx"), data, sha)
     engine = Engine.load(folder, threads=threads)
     m = engine.manifest
     try:
@@ -89,12 +87,17 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int, int8:
     return out
 
 
+def holds(folder: Path, checkpoint_sha256: str) -> bool:
+    """Whether ``folder`` is a model folder already made from the checkpoint with this hash (then it is reused)."""
+    return (folder / "manifest.json").exists() and \
+        load_manifest(folder).source.get("checkpoint_sha256") == checkpoint_sha256
+
+
 def quantized(folder: Path, out: Path, data: Path, checkpoint_sha256: str) -> Path:
     """``out``, the int8 copy of ``folder``, written by erde-quantize unless it already holds that checkpoint's.
     In a child process: onnxruntime's calibrator opens sessions of its own, which this process's shared thread
     pool would refuse."""
-    if not (out / "manifest.json").exists() or \
-            load_manifest(out).source.get("checkpoint_sha256") != checkpoint_sha256:
+    if not holds(out, checkpoint_sha256):
         subprocess.run([sys.executable, "-m", "erde.export.quantize", str(folder), "--data", str(data),
                         "--out", str(out), "--force"], check=True, stdout=subprocess.DEVNULL)
     return out

@@ -19,7 +19,8 @@ The onnxruntime methods run in rounds (each method a block of images per
 round), so that a clock or temperature drift spreads over all of them; the
 PyTorch loop runs after them, so its thread pool does not compete with them.
 
-Output in ``--out``: results.csv, summary.md, plot.png (written atomically).
+Output in ``--out``: results.csv, summary.md, plot.png (the folder swapped into place whole;
+an existing one replaced only as ``erde.runtime.ownership`` allows).
 Exit codes: 0 done; 2 nothing could be measured (bad option, model folder, images).
 """
 
@@ -39,7 +40,8 @@ import numpy as np
 
 from erde.runtime.cliargs import Parser, run_cli
 from erde.runtime.errors import ErdeError
-from erde.runtime.files import check_replaceable, write_atomic
+from erde.runtime.files import write_atomic
+from erde.runtime.ownership import BENCH_TOOLS, build_folder, check_replaceable
 from erde.runtime.manifest import CRITERIA
 
 from .bench_measure import (DEFAULT_THRESHOLDS, ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Series,
@@ -117,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "from erde-quantize), timed in the same rounds at its own calibrated threshold")
     p.add_argument("--checkpoint", metavar="FILE", help="the student checkpoint (.pt) the folder was exported "
                    "from, for the PyTorch eager loop (needs torch)")
-    p.add_argument("--out", metavar="DIR", help="output folder: new, empty, or one erde-bench wrote (default "
-                   "$ERDE_CACHE/bench/edge-<model>-<cpu>-<threads>t)")
+    p.add_argument("--out", metavar="DIR", help="output folder: new or empty, or with --force one erde-bench wrote "
+                   "(default $ERDE_CACHE/bench/edge-<model>-<cpu>-<threads>t, replaced if erde-bench wrote it)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if erde-bench wrote it and nothing in it was added or changed since")
     p.add_argument("--no-plot", action="store_true", help="do not draw plot.png")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -140,12 +144,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads, providers=[args.provider])
     m = engine.manifest
     out_dir = Path(args.out) if args.out else default_out(m.model_name, args.threads)
-    if out_dir.exists():  # erde-bench writes only into its own folders (it holds summary.md), or an empty one
-        check_replaceable(out_dir, True, "summary.md", tool="erde-bench")
+    force = args.force or not args.out  # the default folder is erde-bench's own: replaced if it wrote it
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ErdeError(f"{out_dir}: cannot create the output folder ({e.strerror or e}); pass --out DIR") from None
+        raise ErdeError(f"{out_dir.parent}: cannot create the output folder ({e.strerror or e}); pass --out DIR") from None
+    check_replaceable(out_dir, force, "erde-bench", BENCH_TOOLS)  # before measuring, so a refusal costs nothing
     skipped: List[str] = []
 
     # Thresholds: the given (or default) list, plus the calibrated one; the reference is the calibrated one,
@@ -271,7 +275,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
         rss_ort_mb=rss_ort, rss_end_mb=peak_rss_mb(), torch_facts=torch_facts, skipped=skipped, ratios=ratios,
         compare=args.compare or "")
 
-    plot_note = None
+    plot_note, png = None, None
     if args.no_plot:
         plot_note = "plot.png: --no-plot"
     else:
@@ -279,12 +283,16 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
             png = plot_png(rows, f"{m.model_name}, {rep.machine['cpu']}", full_macs)
         except ImportError as e:
             plot_note = f"plot.png: matplotlib cannot be imported ({e})"
-        else:
-            write_atomic(out_dir / "plot.png", png)
     if plot_note:
         skipped.append(plot_note)
-    write_atomic(out_dir / "results.csv", results_csv(rows, criterion, m.num_exits))
-    write_atomic(out_dir / "summary.md", summary_md(rep))
+
+    def build(tmp: Path) -> None:
+        if png is not None:
+            write_atomic(tmp / "plot.png", png)
+        write_atomic(tmp / "results.csv", results_csv(rows, criterion, m.num_exits))
+        write_atomic(tmp / "summary.md", summary_md(rep))
+
+    build_folder(out_dir, force, "erde-bench", BENCH_TOOLS, build)
 
     t = reference[0]
     _say(out, f"at threshold {t:g} ({reference[1]}): tracking ratio {_fmt_ratio(ratios['tracking_vs_full'])}, "

@@ -17,7 +17,7 @@ from .exporter import default_out_dir, export_checkpoint
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Model folder to write (default: <checkpoint name>_onnx beside the checkpoint).")
-@click.option("--force", is_flag=True, help="Replace a model folder erde-export wrote.")
+@click.option("--force", is_flag=True, help="Replace --out if an erde tool wrote it and nothing in it was added or changed since.")
 @click.option("--exits", default=None,
               help="Keep only these trained early exits (block indices, comma-separated, e.g. 1): drop an exit "
                    "that does not pay for its latency, without retraining.")
@@ -35,10 +35,16 @@ def main(checkpoint: Path, out: Path, force: bool, exits: str, single_graph: boo
     the folder appears only if all checks pass.
     """
     out = out or default_out_dir(checkpoint)
-    click.echo("parity with PyTorch, through the runtime (Engine.load):")
     keep = parse_exits(exits) if exits else None
-    m = export_checkpoint(checkpoint, out, force, report=lambda line: click.echo("  " + line), exits=keep,
-                          single_graph=single_graph)
+    shown = []
+
+    def report(line: str) -> None:  # the header only once there is a check to show (not before an error)
+        if not shown:
+            click.echo("parity with PyTorch, through the runtime (Engine.load):")
+            shown.append(line)
+        click.echo("  " + line)
+
+    m = export_checkpoint(checkpoint, out, force, report=report, exits=keep, single_graph=single_graph)
     click.echo(f"wrote {out}/ ({m.model_name}, {m.num_exits} exits, {len(m.class_names)} classes)")
     for s in m.segments:
         click.echo(f"  {s.file}: exit at {s.cumulative_macs:,} MACs ({s.cumulative_macs / m.full_macs:.0%} of full)")

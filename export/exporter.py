@@ -13,7 +13,7 @@ existing folder is replaced only with ``force``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -23,7 +23,8 @@ import onnx
 import torch
 
 from erde.runtime.errors import ErdeError
-from erde.runtime.files import UnsafePathError, build_folder, check_replaceable
+from erde.runtime.files import UnsafePathError
+from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
 from erde.runtime.manifest import (
     MANIFEST_NAME, FullGraph, Manifest, preprocessing_from_dict, Segment, TensorSpec, save_manifest,
 )
@@ -44,27 +45,20 @@ class ExportError(ErdeError):
     """The export could not produce a model folder that passes its checks."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _export_graph(module: torch.nn.Module, x: torch.Tensor, path: Path, inputs: List[str], outputs: List[str],
                   metadata: Dict[str, str]) -> onnx.ModelProto:
     axes = {name: {0: "batch"} for name in inputs + outputs}
+    buf = io.BytesIO()  # through memory: torch's exporter takes only UTF-8 paths, a user's folder may have any name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+        torch.onnx.export(module, (x,), buf, input_names=inputs, output_names=outputs, dynamic_axes=axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(buf.getvalue())
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    path.write_bytes(proto.SerializeToString())
     return proto
 
 
@@ -81,8 +75,8 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
                       exits: Optional[Tuple[int, ...]] = None, single_graph: bool = False) -> Manifest:
     """Export ``checkpoint`` into the model folder ``out``.
 
-    With ``force`` an existing ``out`` is replaced only if erde-export wrote it
-    (it holds a manifest) and it does not hold the checkpoint itself.
+    With ``force`` an existing ``out`` is replaced only if an erde tool wrote it, unchanged and with nothing
+    added (``erde.runtime.ownership``), and it does not hold the checkpoint itself.
     """
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
@@ -91,11 +85,12 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
         model = keep_exits(model, tuple(exits))
     out = Path(out) if out is not None else default_out_dir(checkpoint)
     try:
-        check_replaceable(out, force, MANIFEST_NAME, protect=[checkpoint], tool="erde-export")
+        check_replaceable(out, force, "erde-export", MODEL_TOOLS, protect=[checkpoint])
     except UnsafePathError as e:
         raise ExportError(str(e)) from None
-    return build_folder(out, force, MANIFEST_NAME, lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report, single_graph),
-                        protect=[checkpoint], tool="erde-export")
+    return build_folder(out, force, "erde-export", MODEL_TOOLS,
+                        lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report, single_graph),
+                        protect=[checkpoint])
 
 
 def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,

@@ -3,7 +3,11 @@
     erde-quantize MODEL_DIR --data PATH --out DIR [--images 200]
 
 Each segment (and full.onnx) is quantized with onnxruntime's static quantization: QDQ format,
-per-channel int8 weights, uint8 activations, MinMax ranges (the ops in ``QUANTIZED_OPS``). The calibration images are a seeded,
+per-channel int8 weights in the reduced range [-64, 64] (``reduce_range``), uint8 activations, MinMax
+ranges (the ops in ``QUANTIZED_OPS``). The 7-bit weights make the graphs right on every CPU: x86 CPUs
+without VNNI add pairs of uint8 x int8 products in int16, which 255 x 127 x 2 overflows (wrong
+answers, silently) and 255 x 64 x 2 does not. ``saturation_risks`` reads that property back from a
+graph, and the folder is written only if every graph has it. The calibration images are a seeded,
 evenly spread sample of the validation split carved from the training data (never the test
 split). Segment k is calibrated on the feature maps that the fp32 segments before it produce
 from those images, so the features crossing a boundary get the same range on both sides (the
@@ -12,15 +16,19 @@ output of segment k and the input of segment k+1 see the same tensors).
 The output folder is a model folder like any other: the runtime runs it unchanged. Its manifest
 records each graph's precision and the quantization settings; the fp32 calibration is dropped,
 because quantization moves the confidences: run ``erde-calibrate`` on the new folder. Needs onnx
-and onnxruntime, not torch.
+and onnxruntime, not torch (``pip install 'erde[quantize]'``). The input folder is only read: each
+graph is copied into the tool's own temporary folder before onnxruntime's quantizer (which writes
+beside its input) sees it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -30,14 +38,21 @@ from erde.runtime.calibrate import default_val_fraction, validation_files
 from erde.runtime.cliargs import Parser, positive_int, run_cli
 from erde.runtime.engine import Engine
 from erde.runtime.errors import ErdeError
-from erde.runtime.files import build_folder, check_replaceable
-from erde.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, save_manifest
+from erde.runtime.manifest import Manifest, load_manifest, save_manifest
+from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
 from erde.runtime.preprocess import load_image, preprocess_one
 
 DEFAULT_IMAGES = 200
 #: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks:
 #: about 10% faster than Conv and Gemm alone here). Softmax stays fp32: uint8 probabilities would tie.
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool", "AveragePool"]
+#: int8 weights within [-64, 64] (onnxruntime's reduce_range for symmetric weights): a pair of uint8 x int8
+#: products fits int16, 255 * 64 * 2 = 32640 <= 32767 (and -32640 >= -32768); 255 * 65 * 2 = 33150 does not.
+SAFE_WEIGHT_RANGE = (-64, 64)
+SETTINGS = {"method": "onnxruntime static quantization", "format": "QDQ",
+            "weights": "int8, per channel, reduced range [-64, 64] (reduce_range)", "activations": "uint8",
+            "ranges": "MinMax", "ops": ", ".join(QUANTIZED_OPS),
+            "safe_on": "every CPU: int16 pair sums cannot saturate on x86 without VNNI"}
 
 
 class QuantizeError(ErdeError):
@@ -72,9 +87,59 @@ def _segment_inputs(engine: Engine, x: np.ndarray) -> List[np.ndarray]:
     return feeds
 
 
-def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, batch: int = 16) -> None:
+def _onnx():
+    try:
+        import onnx
+        import onnxruntime.quantization  # noqa: F401 (needs onnx too)
+    except ImportError as e:
+        raise QuantizeError(f"erde-quantize needs onnx and onnxruntime's quantization tools ({e}); "
+                            "install them with: pip install 'erde[quantize]'") from None
+    return onnx
+
+
+def saturation_risks(path: Path) -> List[str]:
+    """Why the int8 graph at ``path`` could give wrong answers on an x86 CPU without VNNI ([] if it cannot).
+
+    Those CPUs' u8s8 kernels add pairs of uint8 x int8 products in int16, so every int8 weight that a
+    DequantizeLinear reads from the graph's initializers must lie in ``SAFE_WEIGHT_RANGE`` (7-bit).
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    lo, hi = SAFE_WEIGHT_RANGE
+    risks = []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]])
+        if w.dtype == np.int8 and w.size and (int(w.min()) < lo or int(w.max()) > hi):
+            risks.append(f"{node.input[0]}: int8 weights in [{int(w.min())}, {int(w.max())}], beyond [{lo}, {hi}]")
+    return risks
+
+
+@contextlib.contextmanager
+def _private_temp(folder: Path):
+    """onnxruntime's quantizer writes its own temporary folders (``ort.quant.*``) into the default temporary
+    folder, where a killed run leaves them for good: put them under ``folder``, which the tool owns."""
+    folder.mkdir()
+    old, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, work: Path, batch: int = 16) -> None:
+    """Quantize ``src`` into ``dst``; ``src`` is copied into ``work`` first (the quantizer writes beside its input)."""
+    _onnx()
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+
+    copy = work / f"source-{src.name}"
+    shutil.copyfile(src, copy)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -88,18 +153,20 @@ def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, batch:
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization advises pre-processing on every call
     try:
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(copy), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=QUANTIZED_OPS)
     except RuntimeError as e:
         if "global thread pool" not in str(e):
             raise
         raise QuantizeError("this process already runs models on onnxruntime's shared thread pool, which the "
                             "quantizer's own sessions cannot join; quantize in a fresh process (erde-quantize)") from None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    finally:
+        copy.unlink(missing_ok=True)
+    risks = saturation_risks(dst)
+    if risks:
+        raise QuantizeError(f"{src.name}: the int8 graph could saturate on x86 CPUs without VNNI ({risks[0]}); "
+                            "nothing was written")
 
 
 def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAULT_IMAGES, force: bool = False,
@@ -111,7 +178,8 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
                             "quantize the fp32 folder it came from")
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise QuantizeError(f"{out}: would overwrite the input model folder {model_dir}; choose another --out")
-    check_replaceable(out, force, MANIFEST_NAME, protect=[model_dir], tool="erde-quantize")
+    _onnx()
+    check_replaceable(out, force, "erde-quantize", MODEL_TOOLS, protect=[model_dir])
     # Per-session pools: onnxruntime's calibrator opens sessions of its own, which a global pool would refuse.
     engine = Engine.load(model_dir, shared_pool=False)
     x = calibration_images(data, manifest, images)
@@ -120,19 +188,18 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
 
     def build(tmp: Path) -> Manifest:
         segments = []
-        for seg, feed in zip(manifest.segments, feeds):
-            _quantize_graph(model_dir / seg.file, tmp / seg.file, seg.inputs[0].name, feed)
-            segments.append(dataclasses.replace(seg, sha256=_sha256(tmp / seg.file), precision="int8"))
-        full = manifest.full
-        if full is not None:
-            _quantize_graph(model_dir / full.file, tmp / full.file, full.input_name, x)
-            full = dataclasses.replace(full, sha256=_sha256(tmp / full.file), precision="int8")
+        with _private_temp(tmp / ".work") as work:
+            for seg, feed in zip(manifest.segments, feeds):
+                _quantize_graph(model_dir / seg.file, tmp / seg.file, seg.inputs[0].name, feed, work)
+                segments.append(dataclasses.replace(seg, sha256=sha256_file(tmp / seg.file), precision="int8"))
+            full = manifest.full
+            if full is not None:
+                _quantize_graph(model_dir / full.file, tmp / full.file, full.input_name, x, work)
+                full = dataclasses.replace(full, sha256=sha256_file(tmp / full.file), precision="int8")
         import onnxruntime
 
-        settings = {"method": "onnxruntime static quantization", "format": "QDQ", "weights": "int8, per channel",
-                    "activations": "uint8", "ranges": "MinMax", "ops": ", ".join(QUANTIZED_OPS), "calibration_images": len(x),
-                    "calibration_split": "validation", "onnxruntime": onnxruntime.__version__,
-                    "source_model": model_dir.name}
+        settings = dict(SETTINGS, calibration_images=len(x), calibration_split="validation",
+                        onnxruntime=onnxruntime.__version__, source_model=model_dir.name)
         new = dataclasses.replace(manifest, segments=segments, full=full, calibration=None, quantization=settings,
                                   early_exit_graph=None,  # the int8 folder runs the chain of int8 segments
                                   metrics={})
@@ -140,7 +207,7 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
         _check_agreement(engine, Engine.load(tmp, shared_pool=False), x, report)
         return new
 
-    return build_folder(out, force, MANIFEST_NAME, build, protect=[model_dir], tool="erde-quantize")
+    return build_folder(out, force, "erde-quantize", MODEL_TOOLS, build, protect=[model_dir])
 
 
 def _check_agreement(fp32: Engine, int8: Engine, x: np.ndarray, report: Callable[[str], None],
@@ -169,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the int8 model folder to write")
     p.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, metavar="N",
                    help=f"validation images to calibrate on (default {DEFAULT_IMAGES})")
-    p.add_argument("--force", action="store_true", help="replace --out if erde-quantize wrote it")
+    p.add_argument("--force", action="store_true", help="replace --out if an erde tool wrote it and nothing in it was added or changed since")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

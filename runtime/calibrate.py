@@ -47,6 +47,7 @@ import numpy as np
 from . import criteria
 from .datasets import DataError, image_folder_split, split_indices
 from .files import write_atomic
+from .ownership import check_updatable, record_files
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, save_manifest
 from .profile import LatencyProfile, ProfileError, find_profile
@@ -244,10 +245,24 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
     new = dataclasses.replace(manifest, calibration=cal, metrics=metrics)
     try:
         save_manifest(folder, new)
+        record_files(folder, "erde-calibrate", [TABLE_NAME, MANIFEST_NAME])
     except OSError as e:
         raise ErdeError(f"{folder / MANIFEST_NAME}: cannot write ({e.strerror or e}); the manifest is unchanged, "
                         f"{TABLE_NAME} holds the new table") from None
     return new
+
+
+def check_may_store(folder: Union[str, Path]) -> None:
+    """Before the validation run: may erde-calibrate write its table and manifest into ``folder``?"""
+    def is_table(path: Path) -> bool:
+        try:
+            read_table(path.parent, 1)  # the columns erde writes (every table has exit 1)
+        except ErdeError:
+            return False
+        return True
+
+    check_updatable(folder, {TABLE_NAME: is_table, MANIFEST_NAME: lambda p: True}, "erde-calibrate",
+                    "pass --out DIR to write a calibrated copy of the model folder there")
 
 # ----------------------------------------------------------------------------------------------------------
 # The whole job
@@ -276,6 +291,8 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
         if c not in CRITERIA:
             raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, both")
     engine = Engine.load(model_dir, threads=threads)
+    if write:
+        check_may_store(engine.folder)
     m = engine.manifest
     profile, note = None, ""
     try:
@@ -353,3 +370,4 @@ def row_at(rows: Sequence[ThresholdRow], criterion: str, threshold: float) -> Op
         return None
     best = min(same, key=lambda r: abs(r.threshold - threshold))
     return best if abs(best.threshold - threshold) <= 1e-3 + 1e-9 else None
+

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
-                        ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
+                        Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
 from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
 from .errors import ErdeError
-from .manifest import CRITERIA
+from .manifest import CRITERIA, load_manifest
+from .ownership import MODEL_TOOLS, build_folder, check_replaceable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation fraction used in training (default: the manifest's, else 0.1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
+    p.add_argument("--out", metavar="DIR", help="write a calibrated copy of MODEL_DIR there instead of changing it "
+                   "(needed for the bundled model and for read-only folders)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if an erde tool wrote it and nothing in it was added or changed since")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -78,10 +84,17 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     check_confidence(args.confidence)
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
-    res = calibrate(args.model_dir, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
-                    confidence=args.confidence)
-    c = res.choice
+    def run(folder) -> Result:
+        return calibrate(folder, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
+                         confidence=args.confidence)
+
     folder = Path(args.model_dir)
+    if args.out is None:
+        res = run(folder)
+    else:
+        res = calibrated_copy(folder, Path(args.out), args.force, run)
+        folder = Path(args.out)
+    c = res.choice
     if not c.met:
         raise _NotMet(f"no threshold meets the target ({_target_text(c)}); closest: {_describe(c.closest, res.profile)}; "
                       "nothing was written")
@@ -111,6 +124,32 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     print(f"wrote {folder / MANIFEST_NAME} (calibration) and {folder / TABLE_NAME} ({len(res.rows)} thresholds)",
           file=out)
     return EXIT_OK
+
+def calibrated_copy(model_dir: Path, out: Path, force: bool, run) -> Result:
+    """``run(folder)`` (a calibration) on a copy of the model folder's files, written to ``out`` only if it
+    met its target; the source folder is only read."""
+    m = load_manifest(model_dir)
+    check_replaceable(out, force, "erde-calibrate", MODEL_TOOLS, protect=[model_dir])
+    names = [s.file for s in m.segments] + ([m.full.file] if m.full else [])
+    names += [m.early_exit_graph.file] if m.early_exit_graph else []
+    names += [n for n in (MANIFEST_NAME, "latency_profile.json") if (Path(model_dir) / n).is_file()]
+
+    class Unmet(Exception):  # nothing is written when the target is not met
+        pass
+
+    def build(tmp: Path) -> Result:
+        for name in names:
+            shutil.copyfile(Path(model_dir) / name, tmp / name)
+        res = run(tmp)
+        if not res.choice.met:
+            raise Unmet(res)
+        return res
+
+    try:
+        return build_folder(out, force, "erde-calibrate", MODEL_TOOLS, build, protect=[model_dir])
+    except Unmet as e:
+        return e.args[0]
+
 
 class _NotMet(ErdeError):
     pass

@@ -5,22 +5,17 @@
   folder (a symlink may not lead out of it).
 - Writes: to a temporary file beside the target, then renamed into place, so a
   crash never leaves a half-written file.
-- Folders: built in a recognisable temporary sibling (``.NAME.erde-tmp-PID``)
-  and swapped into place; ``--force`` replaces only a folder an ERDE tool
-  wrote (it holds the marker file named by the caller, e.g. ``manifest.json``)
-  and never one that holds a protected path such as the input checkpoint.
-  Stale temporary siblings of dead processes are removed on the next write.
+- Folders: built, and replaced only where erde wrote them, by ``erde.runtime.ownership``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import ErdeError
 
@@ -31,7 +26,6 @@ MAX_MANIFEST_BYTES = 4 * MiB
 MAX_GRAPH_BYTES = 1024 * MiB
 MAX_IMAGE_BYTES = 256 * MiB
 MAX_JSON_DEPTH = 64
-TMP_TAG = ".erde-tmp-"
 
 
 class UnsafePathError(ErdeError):
@@ -130,110 +124,3 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
 
 def write_json_atomic(path: PathLike, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-# ---- output folders -------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def clean_stale_temps(out: Path) -> None:
-    """Remove ``.OUT.erde-tmp-PID*`` siblings of ``out`` left by processes that no longer run."""
-    prefix = f".{out.name}{TMP_TAG}"
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return
-    for p in siblings:
-        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
-            continue
-        pid = p.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def check_replaceable(out: PathLike, force: bool, marker: str, protect: Iterable[PathLike] = (),
-                      tool: str = "an erde tool") -> Path:
-    """Check that ``out`` may be written; return it resolved.
-
-    It may be absent; with ``force`` it may be an empty folder or a folder
-    holding ``marker`` (one that ``tool`` wrote). It may never be, or contain,
-    a path of ``protect`` or the current folder.
-    """
-    given = Path(out)
-    if str(out) in ("", ".", "..") or given.name in ("", ".", ".."):
-        raise UnsafePathError(f"{out or repr(out)}: not a folder name; pass a new folder, e.g. --out model_onnx")
-    out = given.resolve()
-    for p in list(protect) + [Path.cwd()]:
-        p = Path(p).resolve()
-        if p == out or out in p.parents:
-            raise UnsafePathError(f"{given}: holds {p}, which this command must not replace; "
-                                  "choose another output folder")
-    if given.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UnsafePathError(f"{given}: exists and is not a folder; choose another output path")
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise UnsafePathError(f"{out.parent}: the output folder's parent does not exist; create it first")
-        return out
-    if not force:
-        raise UnsafePathError(f"{given}: already exists; pass --force to replace it")
-    try:
-        entries = [p.name for p in out.iterdir()]
-    except OSError as e:
-        raise UnsafePathError(f"{given}: cannot list ({e.strerror or e})") from None
-    if entries and marker not in entries:
-        raise UnsafePathError(f"{given}: not written by {tool} (no {marker}); --force replaces only such a "
-                              "folder: choose a new folder or empty this one yourself")
-    return out
-
-
-def new_temp_dir(out: Path) -> Path:
-    """A fresh temporary sibling of ``out``, named so that a later run can recognise and remove it."""
-    clean_stale_temps(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}.", dir=out.parent))
-        os.chmod(tmp, 0o755)
-    except OSError as e:
-        raise UnsafePathError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
-    return tmp
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}{TMP_TAG}{os.getpid()}.old")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def build_folder(out: PathLike, force: bool, marker: str, build, protect: Iterable[PathLike] = (),
-                 tool: str = "an erde tool") -> Any:
-    """Check ``out``, call ``build(tmp)`` in a temporary sibling, then swap it into place; return build's value.
-
-    On any failure nothing is left behind and an existing ``out`` is untouched.
-    """
-    out = check_replaceable(out, force, marker, protect, tool)
-    tmp = new_temp_dir(out)
-    try:
-        result = build(tmp)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result

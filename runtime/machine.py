@@ -1,4 +1,13 @@
-"""Facts about this machine that records and latency profiles carry (never the host name or paths)."""
+"""Facts about this machine that records, latency profiles and verification results carry (never the host
+name or paths).
+
+The CPU's model name is not enough: "AMD EPYC" has named both a part with AVX-512 and VNNI and one with
+AVX2 only, whose int8 kernels and speed differ. ``isa_flags`` reads the instruction-set features that
+change onnxruntime's kernels from ``/proc/cpuinfo`` (Linux, x86 and ARM). No CPU-identification library
+is used: py-cpuinfo, the maintained one, starts subprocesses and takes about a second, too slow for a
+check on every ``erde-run``; elsewhere than Linux the flags are "unknown", and a fingerprint still
+matches only itself.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,13 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def cpu_model() -> str:
     """The CPU model (and the board, on ARM boards that name it), e.g. "AMD EPYC" or "Cortex-A72; Raspberry Pi 4"."""
     names = []
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
+    text = _cpuinfo()
     for key in ("model name", "Model", "Hardware"):
         m = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
         if m:
@@ -30,6 +36,28 @@ def cpu_model() -> str:
     if not names:
         names.append(platform.processor() or platform.machine() or "unknown")
     return "; ".join(names)
+
+
+#: Features that select onnxruntime's (MLAS) kernels: x86 AVX2 / AVX-512 / VNNI / AMX; ARM dot product, i8mm, SVE.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+                "amx_int8", "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def isa_flags(text: Optional[str] = None) -> Tuple[str, ...]:
+    """The kernel-relevant instruction-set features of this CPU, sorted (("unknown",) where not readable)."""
+    text = _cpuinfo() if text is None else text
+    m = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    if not m:
+        return ("unknown",)
+    have = set(m.group(1).split())
+    return tuple(sorted(f for f in KERNEL_FLAGS if f in have))
 
 
 def usable_cores() -> int:
@@ -47,5 +75,5 @@ def effective_threads(threads: Optional[int]) -> int:
 
 def describe() -> str:
     """One line for reports: CPU, cores, OS and Python."""
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (f"{cpu_model()} [{' '.join(isa_flags())}], {os.cpu_count()} cores, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}")

@@ -27,8 +27,9 @@ import numpy as np
 
 from . import machine
 from .errors import ErdeError
-from .files import MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic
+from .files import MAX_MANIFEST_BYTES, UnsafePathError, json_depth_ok, read_capped, write_json_atomic
 from .manifest import Manifest
+from .ownership import check_updatable, record_files
 
 PROFILE_NAME = "latency_profile.json"
 PROFILE_FORMAT = "erde-latency-profile"
@@ -42,21 +43,24 @@ class ProfileError(ErdeError):
 
 @dataclass(frozen=True)
 class MachineKey:
+    """The machine fingerprint: a profile or a verification holds only where all of it is the same."""
+
     cpu: str
     cores: int
     threads: int
     onnxruntime: str
+    flags: Tuple[str, ...] = ("unknown",)  # machine.isa_flags(): the features that select the kernels
 
     @classmethod
     def here(cls, threads: Optional[int]) -> "MachineKey":
         import onnxruntime
 
         return cls(machine.cpu_model(), machine.usable_cores(), machine.effective_threads(threads),
-                   onnxruntime.__version__)
+                   onnxruntime.__version__, machine.isa_flags())
 
     def describe(self) -> str:
-        return (f"{self.cpu}, {self.cores} cores, {self.threads} thread{'s' * (self.threads != 1)}, "
-                f"onnxruntime {self.onnxruntime}")
+        return (f"{self.cpu} [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
+                f"thread{'s' * (self.threads != 1)}, onnxruntime {self.onnxruntime}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
 def _from_dict(d: Any) -> LatencyProfile:
     try:
         mk = MachineKey(str(d["machine"]["cpu"]), int(d["machine"]["cores"]), int(d["machine"]["threads"]),
-                        str(d["machine"]["onnxruntime"]))
+                        str(d["machine"]["onnxruntime"]), tuple(str(f) for f in d["machine"].get("flags", ["unknown"])))
         seg = tuple(float(v) for v in d["segment_ms"])
         full = None if d.get("full_ms") is None else float(d["full_ms"])
         p = LatencyProfile(mk, str(d["model_sha256"]), seg, full, float(d["spread"]), int(d["calls"]),
@@ -176,13 +180,28 @@ def _from_dict(d: Any) -> LatencyProfile:
     return p
 
 
-def load_profiles(folder: Union[str, Path]) -> List[LatencyProfile]:
-    """Every profile in the folder's latency_profile.json ([] if there is none); ProfileError if it is corrupt."""
-    path = Path(folder) / PROFILE_NAME
+def user_profile_path(manifest: Manifest) -> Path:
+    """Where profiles go when the model folder may not be written (the installed bundle, a read-only folder):
+    a per-user file named by the model's graphs, so it follows the model wherever its folder lies."""
+    from .datasets import cache_dir
+
+    return cache_dir() / "profiles" / f"{model_sha256(manifest)[:32]}.json"
+
+
+def load_profiles(folder: Union[str, Path], manifest: Optional[Manifest] = None) -> List[LatencyProfile]:
+    """Every profile of the folder's latency_profile.json and, given the manifest, of the per-user file for
+    its model ([] if there are none); ProfileError if one is corrupt."""
+    found = _read_profiles(Path(folder) / PROFILE_NAME, folder)
+    if manifest is not None:
+        found += _read_profiles(user_profile_path(manifest), user_profile_path(manifest).parent)
+    return found
+
+
+def _read_profiles(path: Path, inside: Union[str, Path]) -> List[LatencyProfile]:
     if not path.exists() and not path.is_symlink():
         return []
     try:
-        text = read_capped(path, MAX_MANIFEST_BYTES, inside=folder, what="latency profile").decode("utf-8")
+        text = read_capped(path, MAX_MANIFEST_BYTES, inside=inside, what="latency profile").decode("utf-8")
         if not json_depth_ok(text):
             raise ValueError("nested too deeply")
         d = json.loads(text)
@@ -197,23 +216,45 @@ def load_profiles(folder: Union[str, Path]) -> List[LatencyProfile]:
         raise ProfileError(f"{path}: corrupt latency profile ({e}); measure again with erde-profile") from None
 
 
-def save_profile(folder: Union[str, Path], profile: LatencyProfile) -> Path:
-    """Add ``profile`` to the folder's profiles, replacing the one of the same machine key."""
+def save_profile(folder: Union[str, Path], profile: LatencyProfile, manifest: Optional[Manifest] = None) -> Path:
+    """Add ``profile`` to the folder's profiles (replacing the one of the same machine key) and return the
+    file written: the folder's latency_profile.json where erde may write it, else the per-user file."""
     folder = Path(folder)
+
+    def is_profile(path: Path) -> bool:
+        try:
+            _read_profiles(path, path.parent)
+        except ProfileError:
+            return False
+        return True
+
     try:
-        others = [p for p in load_profiles(folder) if p.machine != profile.machine]
+        check_updatable(folder, {PROFILE_NAME: is_profile}, "erde-profile", "")
+        return _add_profile(folder / PROFILE_NAME, profile, record_in=folder)
+    except (UnsafePathError, PermissionError, OSError):  # OSError: a read-only file system, say
+        from .manifest import load_manifest
+
+        path = user_profile_path(manifest or load_manifest(folder))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _add_profile(path, profile)
+
+
+def _add_profile(path: Path, profile: LatencyProfile, record_in: Optional[Path] = None) -> Path:
+    try:
+        others = [p for p in _read_profiles(path, path.parent) if p.machine != profile.machine]
     except ProfileError:
-        others = []  # a corrupt file is replaced by a good one
-    path = folder / PROFILE_NAME
+        others = []  # a corrupt file of erde's format is replaced by a good one
     write_json_atomic(path, {"format": PROFILE_FORMAT, "version": PROFILE_VERSION,
                              "profiles": [p.to_dict() for p in others + [profile]]})
+    if record_in is not None:
+        record_files(record_in, "erde-profile", [PROFILE_NAME])
     return path
 
 
 def find_profile(folder: Union[str, Path], manifest: Manifest, threads: Optional[int]) -> LatencyProfile:
     """The profile of this model on this machine at ``threads``; ProfileError saying why there is none."""
     here = MachineKey.here(threads)
-    profiles = load_profiles(folder)
+    profiles = load_profiles(folder, manifest)
     fix = f"measure one with: erde-profile {folder} --threads {here.threads}"
     if not profiles:
         raise ProfileError(f"{Path(folder) / PROFILE_NAME}: no latency profile; {fix}")
@@ -236,7 +277,7 @@ def other_thread_counts(folder: Union[str, Path], manifest: Manifest, threads: O
     """Profiles of this model on this machine at thread counts other than ``threads`` ([] if none or corrupt)."""
     here = MachineKey.here(threads)
     try:
-        profiles = load_profiles(folder)
+        profiles = load_profiles(folder, manifest)
     except ProfileError:
         return []
     sha = model_sha256(manifest)

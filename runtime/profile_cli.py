@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
     prof = measure(engine, calls=max(args.calls, 5))
-    path = save_profile(engine.folder, prof)
+    path = save_profile(engine.folder, prof, engine.manifest)
     if args.json:
         print(json.dumps(dict(prof.to_dict(), cumulative_ms=list(prof.cumulative_ms), file=str(path))), file=out)
         return 0

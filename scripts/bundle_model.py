@@ -28,7 +28,7 @@ from erde.runtime.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, 
 from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
 from erde.runtime.errors import ErdeError
-from erde.runtime.files import build_folder
+from erde.runtime.ownership import MODEL_TOOLS, build_folder
 from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def install(args, source: Path, profile_threads: Sequence[int]) -> int:
                                    default_threshold=cal.threshold))
         return cal, metrics
 
-    cal, metrics = build_folder(BUNDLED, True, MANIFEST_NAME, build, protect=[source], tool="the bundle builder")
+    cal, metrics = build_folder(BUNDLED, True, "erde-export", MODEL_TOOLS, build, protect=[source])
     print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
           f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
           f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs"

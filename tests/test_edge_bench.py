@@ -175,9 +175,10 @@ def test_out_never_writes_into_a_users_folder(capsys, model, images, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.csv").write_text("my own results")
-    rc, out, err = run(capsys, model, "--images", images, "--out", mine, "--cold-starts", "0", *FAST)
-    assert rc == 2 and "not written by erde-bench" in err and len(err.splitlines()) == 1
-    assert (mine / "results.csv").read_text() == "my own results"
+    for force in ((), ("--force",)):
+        rc, out, err = run(capsys, model, "--images", images, "--out", mine, "--cold-starts", "0", *FAST, *force)
+        assert rc == 2 and ("--force" in err if not force else "not written by erde" in err), err
+        assert len(err.splitlines()) == 1 and (mine / "results.csv").read_text() == "my own results"
 
 
 def test_accuracy_from_class_folders(capsys, model, tmp_path):

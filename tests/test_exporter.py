@@ -16,7 +16,7 @@ from erde.training.checkpoint import CheckpointError, read_checkpoint
 def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
     out, manifest = exported
     assert sorted(p.name for p in out.iterdir()) == [
-        "early_exit.onnx", "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx",
+        ".erde-owner.json", "early_exit.onnx", "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx",
         "segment_3.onnx"]
     loaded = load_manifest(out)
     assert loaded == manifest
@@ -60,14 +60,16 @@ def test_existing_folder_needs_force_and_is_replaced_whole(exported, tiny_studen
     with pytest.raises(ExportError, match="--force"):
         export_checkpoint(tiny_student, out)
     assert (out / "old.txt").read_text() == "keep me"
-    with pytest.raises(ExportError, match="not written by erde-export"):  # --force replaces only model folders
+    with pytest.raises(ExportError, match="not written by erde"):  # --force replaces only erde's folders
         export_checkpoint(tiny_student, out, force=True)
     assert (out / "old.txt").read_text() == "keep me"
     (out / "old.txt").unlink()
     export_checkpoint(tiny_student, out, force=True)  # an empty folder may be filled
-    (out / "stale.onnx").write_text("from an earlier export")
-    export_checkpoint(tiny_student, out, force=True)  # a model folder is replaced whole
-    assert not (out / "stale.onnx").exists() and (out / "manifest.json").exists()
+    export_checkpoint(tiny_student, out, force=True)  # a folder erde wrote is replaced whole
+    (out / "notes.txt").write_text("a user's file added to the export")
+    with pytest.raises(ExportError, match="notes.txt, which erde did not write"):
+        export_checkpoint(tiny_student, out, force=True)
+    assert (out / "notes.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
 
 

@@ -83,7 +83,7 @@ def test_export_force_keeps_a_users_folder_and_the_checkpoint(tiny_student, tmp_
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "notes.txt").write_text("mine")
-    assert "not written by erde-export" in one_error_line(run("erde-export", ckpt, "--out", notes, "--force"))
+    assert "not written by erde" in one_error_line(run("erde-export", ckpt, "--out", notes, "--force"))
     assert (notes / "notes.txt").read_text() == "mine"
     one_error_line(run("erde-export", ckpt, "--out", tmp_path, "--force"))  # the checkpoint's own folder
     assert ckpt.exists()
@@ -91,6 +91,54 @@ def test_export_force_keeps_a_users_folder_and_the_checkpoint(tiny_student, tmp_
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     one_error_line(r)
     assert ckpt.exists() and (notes / "notes.txt").exists()
+
+
+def _foreign_folder(tmp_path: Path) -> Path:
+    """A user's folder that happens to hold a manifest.json (issue 25: --force deleted it whole)."""
+    d = tmp_path / "users"
+    d.mkdir()
+    (d / "precious.txt").write_text("mine")
+    (d / "manifest.json").write_text('{"not": "erde"}')
+    return d
+
+
+def test_export_force_does_not_take_a_stray_manifest_as_proof(tiny_student, tmp_path):
+    d = _foreign_folder(tmp_path)
+    assert "not written by erde" in one_error_line(run("erde-export", tiny_student, "--out", d, "--force"))
+    assert (d / "precious.txt").read_text() == "mine"
+
+
+def test_force_refuses_a_file_a_user_added_to_an_export(exported, tiny_data, tmp_path):
+    out = tmp_path / "q"
+    args = [exported[0], "--data", tiny_data, "--out", out, "--images", "8"]
+    assert run("erde-quantize", *args, timeout=120).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    line = one_error_line(run("erde-quantize", *args, "--force", timeout=120))
+    assert "notes.txt, which erde did not write" in line and (out / "notes.txt").exists()
+    d = _foreign_folder(tmp_path)
+    one_error_line(run("erde-quantize", exported[0], "--data", tiny_data, "--out", d, "--force"))
+    assert (d / "precious.txt").read_text() == "mine"
+
+
+def test_export_to_a_non_utf8_folder_name_works(tiny_student, tmp_path):
+    out = os.path.join(os.fsencode(tmp_path), b"model\xff")
+    r = subprocess.run(console_command("erde-export", SCRIPTS["erde-export"]) + [str(tiny_student).encode(), b"--out", out],
+                       capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert os.path.isfile(os.path.join(out, b"manifest.json"))
+
+
+def test_profile_of_the_installed_bundle_goes_to_the_user_folder(tmp_path):
+    """erde-profile on the bundled model leaves the package as installed; erde-run finds the profile after."""
+    bundled = Path(__file__).resolve().parents[1] / "runtime" / "models" / "cifar10"
+    before = {p.name: p.read_bytes() for p in bundled.iterdir()}
+    env = dict(os.environ, ERDE_CACHE=str(tmp_path / "cache"))
+    r = run("erde-profile", "--threads", "1", "--calls", "20", env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert str(tmp_path / "cache" / "profiles") in r.stdout
+    assert {p.name: p.read_bytes() for p in bundled.iterdir()} == before
+    r = run("erde-run", "--image", bundled.parent.parent / "samples" / "ship.png", "--threads", "1", env=env)
+    assert r.returncode == 0 and "expected latency" in r.stdout and r.stderr == "", r.stdout + r.stderr
 
 
 # ---- model folders: FIFOs, links, sizes, nesting ------------------------------------------------

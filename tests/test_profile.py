@@ -72,6 +72,50 @@ def test_a_profile_of_another_machine_or_model_is_refused(model, change, why):
         find_profile(model, engine.manifest, 2)  # same machine, another thread count
 
 
+def test_the_same_cpu_name_with_other_instruction_sets_is_another_machine(model, capsys, tmp_path):
+    """"AMD EPYC" has been an AVX-512/VNNI part and an AVX2-only one: a profile of the other is not used."""
+    engine = Engine.load(model, threads=1)
+    here = MachineKey.here(1)
+    other = ("avx2", "fma") if here.flags != ("avx2", "fma") else ("avx2", "avx512_vnni", "avx512f", "fma")
+    save_profile(model, _fake(engine, machine=dataclasses.replace(here, flags=other)))
+    with pytest.raises(ProfileError, match="no profile for this machine") as e:
+        find_profile(model, engine.manifest, 1)
+    assert " ".join(other) in str(e.value) and " ".join(here.flags) in str(e.value)
+    img = tmp_path / "x.png"
+    Image.fromarray(random_image(32, 32)).save(img)
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "expected latency" not in out and "ignored" in err and " ".join(other) in err
+
+
+def test_an_old_profile_without_flags_matches_no_machine(model):
+    engine = Engine.load(model, threads=1)
+    d = _fake(engine).to_dict()
+    del d["machine"]["flags"]
+    (model / PROFILE_NAME).write_text(json.dumps({"format": "erde-latency-profile", "version": 1, "profiles": [d]}))
+    with pytest.raises(ProfileError, match=r"\[unknown\]"):
+        find_profile(model, engine.manifest, 1)
+
+
+def test_a_folder_that_cannot_be_written_keeps_its_profile_per_user(model, monkeypatch, tmp_path):
+    import erde.runtime.profile as profile_mod
+
+    monkeypatch.setenv("ERDE_CACHE", str(tmp_path / "cache"))  # this test's own per-user folder
+
+    engine = Engine.load(model, threads=1)
+    real = profile_mod.write_json_atomic
+
+    def read_only(path, data):
+        if path.parent == model:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(profile_mod, "write_json_atomic", read_only)
+    path = save_profile(model, _fake(engine))
+    assert path == profile_mod.user_profile_path(engine.manifest) and not (model / PROFILE_NAME).exists()
+    assert find_profile(model, engine.manifest, 1) == _fake(engine)
+
+
 @pytest.mark.parametrize("text", ["{", "[]", '{"format": "erde-latency-profile", "version": 9, "profiles": []}',
                                   '{"format": "erde-latency-profile", "version": 1, "profiles": [{"x": 1}]}'])
 def test_a_corrupt_profile_is_refused(model, text):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from erde.export.quantize import main
+from erde.export.quantize import main, saturation_risks
 from erde.runtime.engine import Engine
 from erde.runtime.manifest import load_manifest
 from runtime_fixtures import console_command, torch_blocked_env
@@ -63,3 +67,89 @@ def test_bad_inputs(exported, int8, tiny_data, tmp_path, capsys):
         Image.new("RGB", (64, 64)).save(p)
     assert "64x64 pixels" in _one_error(capsys, [exported[0], "--data", big, "--out", tmp_path / "z"])
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+# ---- right on every CPU: 7-bit weights, read back from the graphs --------------------------------
+
+BUNDLED_INT8 = Path(__file__).resolve().parents[1] / "runtime" / "models" / "cifar10-int8"
+
+
+def test_int8_graphs_cannot_saturate_without_vnni(int8):
+    """On any machine, VNNI or not: every int8 weight lies in [-64, 64], so uint8 x int8 pair sums fit int16."""
+    m = load_manifest(int8)
+    assert "[-64, 64]" in m.quantization["weights"]
+    for f in [s.file for s in m.segments] + [m.full.file]:
+        assert saturation_risks(int8 / f) == [], f
+
+
+def test_the_bundled_int8_model_cannot_saturate():
+    m = load_manifest(BUNDLED_INT8)
+    for f in [s.file for s in m.segments] + [m.full.file]:
+        assert saturation_risks(BUNDLED_INT8 / f) == [], f
+
+
+def test_a_full_range_int8_graph_is_named_a_risk(exported, tmp_path):
+    """The format the first int8 bundle had (full int8 weight range) is what the check exists to catch."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"image": x}])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src = tmp_path / "full.onnx"
+    shutil.copyfile(exported[0] / "full.onnx", src)
+    quantize_static(str(src), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    risks = saturation_risks(tmp_path / "q.onnx")
+    assert risks and "beyond [-64, 64]" in risks[0]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_quantize_only_reads_its_input_even_read_only(exported, tiny_data, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(exported[0], src)
+    before = _snapshot(src)
+    for p in [src, *src.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        assert main([str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--images", "8"]) == 0
+    finally:
+        src.chmod(0o755)
+    assert _snapshot(src) == before
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_point_leaves_the_input_and_no_temporary_files(exported, tiny_data, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(exported[0], src)
+    before = _snapshot(src)
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    cmd = console_command("erde-quantize", "erde.export.quantize")
+    for delay in (1.0, 2.0, 3.0, 4.5):
+        p = subprocess.Popen(cmd + [str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--force",
+                                    "--images", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert _snapshot(src) == before, delay
+        assert not [q for q in tmpdir.iterdir() if q.name.startswith("ort.quant")], delay
+    assert main([str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--force", "--images", "8"]) == 0
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["q", "src", "tmpdir"]  # the killed runs' folders are gone
+
+
+def test_without_onnx_the_error_names_the_extra(exported, tiny_data, tmp_path):
+    r = subprocess.run(console_command("erde-quantize", "erde.export.quantize")
+                       + [str(exported[0]), "--data", str(tiny_data), "--out", str(tmp_path / "q")],
+                       capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "erde[quantize]" in r.stderr and not (tmp_path / "q").exists()

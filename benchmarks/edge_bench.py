@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, run_cli
+from erde.runtime.cliargs import Parser, add_verify_option, run_cli
 from erde.runtime.errors import ErdeError
 from erde.runtime.files import write_atomic
 from erde.runtime.ownership import BENCH_TOOLS, build_folder, check_replaceable
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace --out if erde-bench wrote it and nothing in it was added or changed since")
     p.add_argument("--no-plot", action="store_true", help="do not draw plot.png")
+    add_verify_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -141,7 +142,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
         raise ErdeError(f"onnxruntime provider {args.provider!r} is not available here; available: "
                         f"{', '.join(_available_providers())}")
     files = find_images(args.images)
+    from erde.runtime.selftest import require_verified
+
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads, providers=[args.provider])
+    if not args.no_verify:
+        require_verified(engine, args.threads)
     m = engine.manifest
     out_dir = Path(args.out) if args.out else default_out(m.model_name, args.threads)
     force = args.force or not args.out  # the default folder is erde-bench's own: replaced if it wrote it
@@ -314,7 +319,11 @@ def _compare_series(folder: str, engine, criterion: str, reference: Tuple[float,
     """Add the --compare folder's engine (at its calibrated threshold) and full.onnx to ``series``."""
     from erde.runtime.engine import Engine
 
+    from erde.runtime.selftest import require_verified
+
     other = Engine.load(folder, threads=args.threads, providers=[args.provider])
+    if not args.no_verify:
+        require_verified(other, args.threads)
     a, b = engine.manifest, other.manifest
     if list(a.class_names) != list(b.class_names) or a.preprocessing != b.preprocessing:
         raise ErdeError(f"{folder}: its classes or preprocessing differ from {engine.folder}; --compare takes a "

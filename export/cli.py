@@ -17,6 +17,9 @@ from .exporter import default_out_dir, export_checkpoint
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Model folder to write (default: <checkpoint name>_onnx beside the checkpoint).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The image folder the model was trained on: the self-test (erde-verify) takes validation "
+                   "images from it; without it, seeded random images.")
 @click.option("--force", is_flag=True, help="Replace --out if an erde tool wrote it and nothing in it was added or changed since.")
 @click.option("--exits", default=None,
               help="Keep only these trained early exits (block indices, comma-separated, e.g. 1): drop an exit "
@@ -27,7 +30,7 @@ from .exporter import default_out_dir, export_checkpoint
                    "(python scripts/if_graph.py MODEL_DIR): on the students measured here it was 2-5% slower.")
 @debug_option
 @friendly_errors
-def main(checkpoint: Path, out: Path, force: bool, exits: str, single_graph: bool) -> None:
+def main(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single_graph: bool) -> None:
     """Export an ERDE checkpoint to a model folder for the torch-free runtime.
 
     Every export checks each graph with onnx.checker, cross-checks the MACs
@@ -44,7 +47,8 @@ def main(checkpoint: Path, out: Path, force: bool, exits: str, single_graph: boo
             shown.append(line)
         click.echo("  " + line)
 
-    m = export_checkpoint(checkpoint, out, force, report=report, exits=keep, single_graph=single_graph)
+    m = export_checkpoint(checkpoint, out, force, report=report, exits=keep, single_graph=single_graph,
+                          data=data)
     click.echo(f"wrote {out}/ ({m.model_name}, {m.num_exits} exits, {len(m.class_names)} classes)")
     for s in m.segments:
         click.echo(f"  {s.file}: exit at {s.cumulative_macs:,} MACs ({s.cumulative_macs / m.full_macs:.0%} of full)")

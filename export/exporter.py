@@ -24,6 +24,7 @@ import torch
 
 from erde.runtime.errors import ErdeError
 from erde.runtime.files import UnsafePathError
+from erde.runtime.selftest import build_selftest
 from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
 from erde.runtime.manifest import (
     MANIFEST_NAME, FullGraph, Manifest, preprocessing_from_dict, Segment, TensorSpec, save_manifest,
@@ -72,7 +73,8 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool = False,
                       parity_batch: int = 32, report: Optional[Callable[[str], None]] = None,
-                      exits: Optional[Tuple[int, ...]] = None, single_graph: bool = False) -> Manifest:
+                      exits: Optional[Tuple[int, ...]] = None, single_graph: bool = False,
+                      data: Optional[Path] = None) -> Manifest:
     """Export ``checkpoint`` into the model folder ``out``.
 
     With ``force`` an existing ``out`` is replaced only if an erde tool wrote it, unchanged and with nothing
@@ -89,12 +91,13 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
     except UnsafePathError as e:
         raise ExportError(str(e)) from None
     return build_folder(out, force, "erde-export", MODEL_TOOLS,
-                        lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report, single_graph),
+                        lambda tmp: _build(model, ckpt, checkpoint, tmp, parity_batch, report, single_graph, data),
                         protect=[checkpoint])
 
 
 def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,
-           report: Optional[Callable[[str], None]] = None, single_graph: bool = False) -> Manifest:
+           report: Optional[Callable[[str], None]] = None, single_graph: bool = False,
+           data: Optional[Path] = None) -> Manifest:
     cfg = model.cfg
     num_exits = cfg.num_exits
     pre = ckpt["preprocessing"]
@@ -166,6 +169,9 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     problems = check_parity(model, folder, probe, report)  # through Engine.load, as a board loads the folder
     if problems:
         raise ExportError(f"{checkpoint}: export failed {len(problems)} check(s): " + "; ".join(problems))
+    line = build_selftest(folder, data)  # what erde-verify checks on the machine the folder lands on
+    if report is not None:
+        report(line)
     return manifest
 
 

@@ -41,6 +41,7 @@ from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import Manifest, load_manifest, save_manifest
 from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
 from erde.runtime.preprocess import load_image, preprocess_one
+from erde.runtime.selftest import build_selftest
 
 DEFAULT_IMAGES = 200
 #: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks:
@@ -205,6 +206,7 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
                                   metrics={})
         save_manifest(tmp, new)
         _check_agreement(engine, Engine.load(tmp, shared_pool=False), x, report)
+        report("  " + build_selftest(tmp, data))
         return new
 
     return build_folder(out, force, "erde-quantize", MODEL_TOOLS, build, protect=[model_dir])

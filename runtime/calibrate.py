@@ -280,9 +280,11 @@ class Result:
 def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
               val_fraction: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
-              batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE) -> Result:
-    """Run the model over the validation split, choose a threshold and (if met and ``write``) store it."""
+              batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE, verify: bool = True) -> Result:
+    """Run the model over the validation split, choose a threshold and (if met and ``write``) store it.
+    ``verify``: first refuse a folder whose self-test fails on this machine (``selftest.require_verified``)."""
     from .engine import Engine
+    from .selftest import require_verified
 
     check_target(mode, target)
     check_confidence(confidence)
@@ -293,6 +295,8 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
     engine = Engine.load(model_dir, threads=threads)
     if write:
         check_may_store(engine.folder)
+    if verify:
+        require_verified(engine, threads)
     m = engine.manifest
     profile, note = None, ""
     try:

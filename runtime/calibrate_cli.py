@@ -17,7 +17,7 @@ from typing import Optional, Sequence, TextIO
 
 from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
                         Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
-from .cliargs import Parser, UsageError, finite_number, positive_int, run_cli
+from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
 from .errors import ErdeError
 from .manifest import CRITERIA, load_manifest
 from .ownership import MODEL_TOOLS, build_folder, check_replaceable
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace --out if an erde tool wrote it and nothing in it was added or changed since")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_verify_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -86,7 +87,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
     def run(folder) -> Result:
         return calibrate(folder, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
-                         confidence=args.confidence)
+                         confidence=args.confidence, verify=not args.no_verify)
 
     folder = Path(args.model_dir)
     if args.out is None:

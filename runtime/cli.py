@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
 
-from .cliargs import Parser, UsageError, positive_int, run_cli
+from .cliargs import Parser, UsageError, add_verify_option, positive_int, run_cli
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME
 from .stages import Prediction
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    add_verify_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -156,12 +157,15 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here so that `erde-run --help` and option errors need no onnxruntime.
     from .engine import MAX_RUN_BATCH, Engine
     from .preprocess import list_images, preprocess_one
+    from .selftest import require_verified
 
     if not args.image and not args.folder:
         raise UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
     if args.static and (args.threshold is not None or args.criterion is not None):
         raise UsageError("--static runs full.onnx without early exits; drop --threshold and --criterion")
     engine = Engine.load(model_folder(args.model), threads=args.threads)
+    if not args.no_verify:
+        require_verified(engine, args.threads)
     if args.static and not engine.has_full:
         raise ErdeError(f"{engine.folder}: this model folder has no full.onnx (manifest 'full' is empty); "
                         "re-export it with erde-export, or leave --static out")

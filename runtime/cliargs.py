@@ -1,12 +1,8 @@
 """The command-line contract every ERDE tool shares (argparse here; the click tools use it too).
 
 Every problem is one ``Error: what, where, how to fix`` line on stderr;
-``--debug`` adds the traceback. Exit codes, for all five commands:
-
-    0    success
-    1    some inputs failed and the others ran (erde-run), or an unexpected internal error
-    2    bad input: a bad option, file, folder, checkpoint or model; nothing was written
-    130  interrupted (Ctrl-C)
+``--debug`` adds the traceback. The exit codes are defined once, in ``erde.runtime.errors``; an error
+type carries its own (``ErdeError.exit_code``).
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import sys
 import traceback
 from typing import Callable, Dict, NoReturn, Optional, Sequence, Type
 
-from .errors import ErdeError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, ErdeError  # noqa: F401
 
 
 class UsageError(ErdeError):
@@ -30,6 +24,13 @@ class UsageError(ErdeError):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse would print the whole usage; we print one line
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_verify_option(p: argparse.ArgumentParser) -> None:
+    """``--no-verify``: the same words in every command that checks a model folder's self-test first."""
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check that this machine gives the answers the model folder was built with "
+                        "(its self-test, run once per machine and model; see erde-verify)")
 
 
 def positive_int(text: str) -> int:
@@ -65,7 +66,7 @@ def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
             exit_codes: Optional[Dict[Type[ErdeError], int]] = None) -> int:
     """Call ``run`` and turn every failure into one ``Error:`` line and an exit code.
 
-    ErdeError -> 2 unless ``exit_codes`` maps its type to another code; Ctrl-C -> 130; a closed
+    ErdeError -> its ``exit_code`` (2 unless the type says otherwise) or the code ``exit_codes`` maps it to; Ctrl-C -> 130; a closed
     pipe (``tool | head``) -> 0, quietly; anything else (a bug) -> 1, still one line.
     """
     safe_console()
@@ -77,7 +78,7 @@ def run_cli(run: Callable[[], int], argv: Optional[Sequence[str]],
         if debug and not isinstance(e, UsageError):
             traceback.print_exc(file=err)
         print(f"Error: {e}", file=err)
-        return next((code for kind, code in (exit_codes or {}).items() if isinstance(e, kind)), EXIT_USAGE)
+        return next((code for kind, code in (exit_codes or {}).items() if isinstance(e, kind)), e.exit_code)
     except KeyboardInterrupt:
         print("Error: interrupted", file=err)
         return EXIT_INTERRUPTED

@@ -58,6 +58,9 @@ class MachineKey:
         return cls(machine.cpu_model(), machine.usable_cores(), machine.effective_threads(threads),
                    onnxruntime.__version__, machine.isa_flags())
 
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
     def describe(self) -> str:
         return (f"{self.cpu} [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
                 f"thread{'s' * (self.threads != 1)}, onnxruntime {self.onnxruntime}")

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .cliargs import Parser, positive_int, run_cli
+from .cliargs import Parser, add_verify_option, positive_int, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime threads (default: one per usable core); a profile holds for this count only")
     p.add_argument("--calls", type=positive_int, default=2000, metavar="N", help="timed calls per graph (default 2000)")
     p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    add_verify_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -35,8 +36,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     from .cli import model_folder
     from .engine import Engine
     from .profile import measure, save_profile
+    from .selftest import require_verified
 
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
+    if not args.no_verify:
+        require_verified(engine, args.threads)
     prof = measure(engine, calls=max(args.calls, 5))
     path = save_profile(engine.folder, prof, engine.manifest)
     if args.json:

@@ -9,7 +9,8 @@ Exports ``--checkpoint`` (default: the committed ``air32w16_ee`` ERDE student in
 machine), calibrates its threshold on the validation split (``erde-calibrate``: the lowest expected
 latency at ``--calibrate-threads`` within ``--max-drop`` points of the final exit, at ``--confidence``), records its test
 accuracy, MACs and expected latency at that threshold in the manifest, and replaces the bundled
-folder atomically. Also draws the sample images in
+folder atomically. ``--int8`` rebuilds the int8 copy the same way from the bundled fp32 folder
+(``erde-quantize``: reduced-range weights, right on every CPU). Also draws the sample images in
 ``runtime/samples`` (our own drawings, free to redistribute), so ``erde-run --image`` has
 something to classify right after ``pip install``.
 """
@@ -29,11 +30,12 @@ from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
 from erde.runtime.criteria import sweep
 from erde.runtime.errors import ErdeError
 from erde.runtime.ownership import MODEL_TOOLS, build_folder
-from erde.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest
+from erde.runtime.manifest import load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
 BUNDLED = REPO / "runtime" / "models" / "cifar10"
+BUNDLED_INT8 = REPO / "runtime" / "models" / "cifar10-int8"
 SAMPLES = REPO / "runtime" / "samples"
 
 
@@ -110,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--profile-threads", default="1,2", help="thread counts to measure latency profiles at")
     ap.add_argument("--calibrate-threads", type=positive_int, default=1,
                     help="the thread count whose profile calibration minimises (default 1)")
+    ap.add_argument("--int8", action="store_true",
+                    help="rebuild the int8 copy (runtime/models/cifar10-int8) from the bundled fp32 model instead: "
+                         "erde-quantize, then profiles and calibration as for the fp32 one")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return run_cli(lambda: bundle(ap.parse_args(argv)), argv)
 
@@ -122,35 +127,52 @@ def bundle(args) -> int:
         raise ErdeError(f"--profile-threads {args.profile_threads!r}: expected thread counts, e.g. 1,2") from None
     if args.data is None:
         raise ErdeError("pass --data PATH (the CIFAR-10 image folder) or set ERDE_DATA")
+    if args.int8:
+        with tempfile.TemporaryDirectory(prefix="erde-bundle-") as tmp:
+            source = Path(tmp) / "int8"
+            quantize_bundle(BUNDLED, source, args.data)
+            return install(args, source, profile_threads, BUNDLED_INT8)
     if args.source is not None:
         return install(args, args.source, profile_threads)
     if not args.checkpoint.is_file():
         raise ErdeError(f"{args.checkpoint}: no such checkpoint; pass --checkpoint PT or --source MODEL_DIR")
     with tempfile.TemporaryDirectory(prefix="erde-bundle-") as tmp:
         source = Path(tmp) / "student_onnx"
-        export_student(args.checkpoint, source)
+        export_student(args.checkpoint, source, args.data)
         return install(args, source, profile_threads)
 
 
-def export_student(checkpoint: Path, out: Path) -> None:
+def export_student(checkpoint: Path, out: Path, data: Optional[Path] = None) -> None:
     """erde-export in a fresh process: its parity check would otherwise fix this process's onnxruntime
     thread pool at the default size, and calibration at ``--calibrate-threads`` could not run here."""
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "erde.export.cli", str(checkpoint), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "erde.export.cli", str(checkpoint), "--out", str(out)]
+                       + (["--data", str(data)] if data is not None else []),
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise ErdeError(f"erde-export {checkpoint} failed: {r.stderr.strip() or r.stdout.strip()}")
     print(r.stdout.strip())
 
 
-def install(args, source: Path, profile_threads: Sequence[int]) -> int:
-    """Profile and calibrate the exported student ``source``, add its test metrics, replace the bundle."""
+def quantize_bundle(fp32: Path, out: Path, data: Path) -> None:
+    """erde-quantize in a fresh process (its calibrator's sessions cannot join this process's shared pool)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "erde.export.quantize", str(fp32), "--data", str(data), "--out", str(out)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ErdeError(f"erde-quantize {fp32} failed: {r.stderr.strip() or r.stdout.strip()}")
+    print(r.stdout.strip())
+
+
+def install(args, source: Path, profile_threads: Sequence[int], target: Path = BUNDLED) -> int:
+    """Profile and calibrate the model folder ``source``, add its test metrics, replace the bundled ``target``."""
     if not (source / "manifest.json").exists():
         raise ErdeError(f"{source}: no exported model folder; export a student (erde-export) or run the study "
                         "first (python scripts/cifar10_study.py --data PATH)")
     draw_samples(SAMPLES)
-    BUNDLED.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path):
         shutil.copytree(source, tmp, dirs_exist_ok=True)
@@ -167,8 +189,8 @@ def install(args, source: Path, profile_threads: Sequence[int]) -> int:
                                    default_threshold=cal.threshold))
         return cal, metrics
 
-    cal, metrics = build_folder(BUNDLED, True, "erde-export", MODEL_TOOLS, build, protect=[source])
-    print(f"bundled {BUNDLED}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
+    cal, metrics = build_folder(target, True, "erde-export", MODEL_TOOLS, build, protect=[source])
+    print(f"bundled {target}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
           f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
           f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs"
           + (f", expected {metrics['test_expected_ms_calibrated']:.3f} ms against {metrics['test_full_onnx_ms']:.3f} ms "

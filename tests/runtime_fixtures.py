@@ -57,7 +57,7 @@ def make_model_folder(tmp_path: Path, num_exits: int = 3, num_classes: int = 4,
                       calibration: Optional[Calibration] = None, default_threshold: float = 0.9,
                       default_criterion: str = "max-prob", resize: str = "stretch", seed: int = 0,
                       name: str = "model", class_names: Optional[List[str]] = None,
-                      head_scales: Optional[Sequence[float]] = None) -> Path:
+                      head_scales: Optional[Sequence[float]] = None, with_selftest: bool = True) -> Path:
     """Write a tiny early-exit model folder under ``tmp_path / name`` and return its path."""
     rng = np.random.default_rng(seed)
     folder = Path(tmp_path) / name
@@ -120,6 +120,10 @@ def make_model_folder(tmp_path: Path, num_exits: int = 3, num_classes: int = 4,
         metrics={"test_accuracy": 0.5}, source={"tool": "tests/runtime_fixtures.py"},
     )
     save_manifest(folder, manifest)
+    if with_selftest:
+        from erde.runtime.selftest import build_selftest
+
+        build_selftest(folder, count=16)
     return folder
 
 

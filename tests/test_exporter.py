@@ -17,7 +17,7 @@ def test_folder_has_segments_full_graph_and_manifest(exported, tiny_student):
     out, manifest = exported
     assert sorted(p.name for p in out.iterdir()) == [
         ".erde-owner.json", "early_exit.onnx", "full.onnx", "manifest.json", "segment_0.onnx", "segment_1.onnx", "segment_2.onnx",
-        "segment_3.onnx"]
+        "segment_3.onnx", "selftest.npz"]
     loaded = load_manifest(out)
     assert loaded == manifest
     assert loaded.class_names == ["blue", "green", "red"] and loaded.num_exits == 4

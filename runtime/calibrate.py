@@ -254,10 +254,13 @@ def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Se
 
 def check_may_store(folder: Union[str, Path]) -> None:
     """Before the validation run: may erde-calibrate write its table and manifest into ``folder``?"""
-    def is_table(path: Path) -> bool:
+    def is_table(path: Path) -> bool:  # the header erde writes, and rows it can read
         try:
-            read_table(path.parent, 1)  # the columns erde writes (every table has exit 1)
-        except ErdeError:
+            with open(path, encoding="utf-8") as fh:
+                if not fh.readline().startswith("criterion,threshold,val_accuracy,"):
+                    return False
+            read_table(path.parent, 1)
+        except (OSError, UnicodeDecodeError, ErdeError):
             return False
         return True
 

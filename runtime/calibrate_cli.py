@@ -21,6 +21,7 @@ from .cliargs import Parser, UsageError, add_verify_option, finite_number, posit
 from .errors import ErdeError
 from .manifest import CRITERIA, load_manifest
 from .ownership import MODEL_TOOLS, build_folder, check_replaceable
+from .selftest import SELFTEST_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +134,7 @@ def calibrated_copy(model_dir: Path, out: Path, force: bool, run) -> Result:
     check_replaceable(out, force, "erde-calibrate", MODEL_TOOLS, protect=[model_dir])
     names = [s.file for s in m.segments] + ([m.full.file] if m.full else [])
     names += [m.early_exit_graph.file] if m.early_exit_graph else []
-    names += [n for n in (MANIFEST_NAME, "latency_profile.json") if (Path(model_dir) / n).is_file()]
+    names += [n for n in (MANIFEST_NAME, "latency_profile.json", SELFTEST_NAME) if (Path(model_dir) / n).is_file()]
 
     class Unmet(Exception):  # nothing is written when the target is not met
         pass

@@ -355,3 +355,38 @@ def test_failed_manifest_write_leaves_the_old_manifest(capsys, model, data, monk
     assert not [p for p in model.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
     assert _engine(model).resolve_threshold()[2] == "manifest default"
+
+
+def test_out_writes_a_calibrated_copy_and_leaves_the_source(capsys, model, data, tmp_path):
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = tmp_path / "calibrated"
+    assert main([str(model), "--data", str(data), "--max-drop", "5", "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert load_manifest(out).calibration is not None and (out / "calibration.csv").exists()
+    assert _engine(out).num_exits == 3
+    capsys.readouterr()
+    assert main([str(model), "--data", str(data), "--max-drop", "5", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main([str(model), "--data", str(data), "--max-drop", "5", "--out", str(out), "--force"]) == 0
+
+
+def test_the_installed_bundle_is_never_changed(capsys, tmp_path):
+    """erde-calibrate on the bundled model refuses to write into the package and names --out."""
+    bundled = run_cli.model_folder(None)
+    before = {p.name: p.read_bytes() for p in bundled.iterdir()}
+    data = tmp_path / "cifar"
+    for i, name in enumerate(load_manifest(bundled).class_names):
+        (data / "train" / name).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(random_image(32, 32, seed=10 * i + j)).save(data / "train" / name / f"{j}.png")
+    assert main([str(bundled), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "installed erde package" in err and "--out" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in bundled.iterdir()} == before
+
+
+def test_a_calibration_table_erde_did_not_write_is_not_replaced(capsys, model, data):
+    (model / "calibration.csv").write_text("my notes, not a table\n")
+    assert main([str(model), "--data", str(data), "--max-drop", "5"]) == 2
+    assert "not written by erde" in capsys.readouterr().err
+    assert (model / "calibration.csv").read_text() == "my notes, not a table\n"

@@ -31,6 +31,7 @@ def machine_facts(threads: Optional[int], provider: str) -> Dict[str, str]:
 
     return {
         "cpu": machine.cpu_model(),
+        "cpu flags (kernel-relevant)": " ".join(machine.isa_flags()),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cores": f"{os.cpu_count()} logical, {machine.usable_cores()} usable by this process",
         "threads": str(threads) if threads is not None else "onnxruntime default (one per physical core)",

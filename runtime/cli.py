@@ -23,7 +23,7 @@ from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME
 from .stages import Prediction
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"  # what a command runs without a folder
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 

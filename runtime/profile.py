@@ -50,19 +50,22 @@ class MachineKey:
     threads: int
     onnxruntime: str
     flags: Tuple[str, ...] = ("unknown",)  # machine.isa_flags(): the features that select the kernels
+    arch: str = "unknown"  # platform.machine(): x86_64, aarch64 (an emulator shows the host's /proc/cpuinfo)
 
     @classmethod
     def here(cls, threads: Optional[int]) -> "MachineKey":
+        import platform
+
         import onnxruntime
 
         return cls(machine.cpu_model(), machine.usable_cores(), machine.effective_threads(threads),
-                   onnxruntime.__version__, machine.isa_flags())
+                   onnxruntime.__version__, machine.isa_flags(), platform.machine() or "unknown")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.cpu} [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
+        return (f"{self.cpu} ({self.arch}) [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
                 f"thread{'s' * (self.threads != 1)}, onnxruntime {self.onnxruntime}")
 
 
@@ -171,7 +174,8 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
 def _from_dict(d: Any) -> LatencyProfile:
     try:
         mk = MachineKey(str(d["machine"]["cpu"]), int(d["machine"]["cores"]), int(d["machine"]["threads"]),
-                        str(d["machine"]["onnxruntime"]), tuple(str(f) for f in d["machine"].get("flags", ["unknown"])))
+                        str(d["machine"]["onnxruntime"]), tuple(str(f) for f in d["machine"].get("flags", ["unknown"])),
+                        str(d["machine"].get("arch", "unknown")))
         seg = tuple(float(v) for v in d["segment_ms"])
         full = None if d.get("full_ms") is None else float(d["full_ms"])
         p = LatencyProfile(mk, str(d["model_sha256"]), seg, full, float(d["spread"]), int(d["calls"]),

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from erde.training.models import parse_exits
-from erde.training.cliutil import debug_option, friendly_errors, run_click
+from erde.training.cliutil import debug_option, friendly_errors, run_click, version_option
 
 from .exporter import default_out_dir, export_checkpoint
 
@@ -29,6 +29,7 @@ from .exporter import default_out_dir, export_checkpoint
                    "engine then uses at batch 1. Measure it against the segment chain first "
                    "(python scripts/if_graph.py MODEL_DIR): on the students measured here it was 2-5% slower.")
 @debug_option
+@version_option("erde-export")
 @friendly_errors
 def main(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single_graph: bool) -> None:
     """Export an ERDE checkpoint to a model folder for the torch-free runtime.

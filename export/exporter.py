@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import onnx
 import torch
 
+from erde.runtime.cliargs import erde_version
 from erde.runtime.errors import ErdeError
 from erde.runtime.files import UnsafePathError
 from erde.runtime.selftest import build_selftest
@@ -158,7 +159,7 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
         source={"checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),
                 "kind": str(ckpt.get("kind", "")), "val_fraction": str(ckpt.get("train_args", {}).get("val_fraction", 0.1)),
                 "torch": str(torch.__version__), "onnx": onnx.__version__,
-                "erde": _erde_version()},
+                "erde": erde_version()},
     )
     if single_graph and num_exits > 1:  # the whole model in one graph for batch 1 (the chain stays the portable form)
         manifest = dataclasses.replace(manifest, early_exit_graph=write_early_exit_graph(folder, manifest))
@@ -173,12 +174,3 @@ def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, p
     if report is not None:
         report(line)
     return manifest
-
-
-def _erde_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("erde")
-    except PackageNotFoundError:
-        return "unknown"

@@ -21,7 +21,23 @@ class UsageError(ErdeError):
     """A bad command line."""
 
 
+def erde_version() -> str:
+    """The installed erde's version ("unknown" when run from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("erde")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse with the shared contract: one-line usage errors, and ``--version``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"{self.prog} (erde {erde_version()})")
+
     def error(self, message: str) -> NoReturn:  # argparse would print the whole usage; we print one line
         raise UsageError(f"{message} (see {self.prog} --help)")
 

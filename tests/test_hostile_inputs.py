@@ -23,6 +23,7 @@ SCRIPTS = {
     "erde-export": "erde.export.cli",
     "erde-profile": "erde.runtime.profile_cli",
     "erde-quantize": "erde.export.quantize",
+    "erde-verify": "erde.runtime.verify_cli",
 }
 
 
@@ -55,6 +56,21 @@ def image(tmp_path):
 # ---- every console script: a bad option and a failing input ------------------------------------
 
 
+def test_every_console_script_is_in_this_test():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_command_has_help_and_version(script):
+    r = run(script, "--help")
+    assert r.returncode == 0 and "--help" in r.stdout and "--version" in r.stdout and r.stderr == "", r.stderr
+    r = run(script, "--version")
+    assert r.returncode == 0 and r.stdout.startswith(f"{script} (erde ") and r.stderr == "", r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_command_gives_one_line_for_a_bad_option(script):
     line = one_error_line(run(script, "--no-such-option"))
@@ -69,6 +85,7 @@ def test_every_command_gives_one_line_for_a_bad_option(script):
     ("erde-export", ["missing.pt"]),
     ("erde-profile", ["missing-folder"]),
     ("erde-quantize", ["missing-folder", "--data", "missing-data", "--out", "q"]),
+    ("erde-verify", ["missing-folder"]),
 ])
 def test_every_command_gives_one_line_for_a_failing_input(script, args, tmp_path):
     one_error_line(run(script, *[str(tmp_path / a) if "missing" in a else a for a in args]))

@@ -15,7 +15,7 @@ from erde.runtime.manifest import write_json_atomic
 
 from . import distributed
 from .checkpoint import compact, load_model, read_checkpoint, save_checkpoint
-from .cliutil import debug_option, friendly_errors, run_click
+from .cliutil import debug_option, friendly_errors, run_click, version_option
 from .data import load_split, to_tensor
 from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
@@ -75,6 +75,7 @@ def _data_options(fn):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option("erde-train")
 def main() -> None:
     """Train early-exit CNNs with Entropy-Regularized Distillation (ERDE)."""
 

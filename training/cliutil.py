@@ -17,10 +17,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from erde.runtime.cliargs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, run_cli
+from erde.runtime.cliargs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, erde_version, run_cli
 from erde.runtime.errors import ErdeError
 
 debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+
+
+def version_option(prog: str):
+    """``--version``, worded as the argparse commands word it (erde.runtime.cliargs.Parser)."""
+    return click.version_option(erde_version(), "--version", message=f"{prog} (erde %(version)s)")
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -51,6 +51,7 @@ from .ownership import check_updatable, record_files
 from .errors import ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, save_manifest
 from .profile import LatencyProfile, ProfileError, find_profile
+from .unsure import answers, choose_floor
 
 TABLE_NAME = "calibration.csv"
 MODES = ("accuracy-drop", "mac-budget", "latency-budget")
@@ -283,9 +284,12 @@ class Result:
 def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
               val_fraction: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
-              batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE, verify: bool = True) -> Result:
+              batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE, verify: bool = True,
+              unsure: Optional[Tuple[str, float]] = None) -> Result:
     """Run the model over the validation split, choose a threshold and (if met and ``write``) store it.
-    ``verify``: first refuse a folder whose self-test fails on this machine (``selftest.require_verified``)."""
+    ``verify``: first refuse a folder whose self-test fails on this machine (``selftest.require_verified``).
+    ``unsure``: (target, value) of the "unsure" floor to choose at the threshold (``erde.runtime.unsure``);
+    without it, a floor the manifest already has is chosen again for its own target."""
     from .engine import Engine
     from .selftest import require_verified
 
@@ -322,6 +326,10 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
         per[c] = choose(part, mode, target, final_acc, m.full_macs, cost, confidence)
         rows += part
     best = choose_best(list(per.values()), cost)
+    target = unsure or ((m.unsure.target, m.unsure.target_value) if m.unsure else None)
+    if best.met and target:
+        classes, conf = answers(probs, best.row.criterion, best.row.threshold)
+        m = dataclasses.replace(m, unsure=choose_floor(conf, classes == vd.labels, *target))
     manifest = m
     if best.met and write:
         manifest = store(engine.folder, m, best, rows, vd, profile)

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation fraction used in training (default: the manifest's, else 0.1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
+    floor = p.add_mutually_exclusive_group()
+    floor.add_argument("--unsure-coverage", type=finite_number, metavar="C",
+                       help="also choose a confidence floor below which erde-run answers \"unsure\": the highest one "
+                            "that still answers a share C of the validation images, e.g. 0.9")
+    floor.add_argument("--unsure-accuracy", type=finite_number, metavar="A",
+                       help="the same, as the lowest floor whose answered validation images are at least A right")
     p.add_argument("--out", metavar="DIR", help="write a calibrated copy of MODEL_DIR there instead of changing it "
                    "(needed for the bundled model and for read-only folders)")
     p.add_argument("--force", action="store_true",
@@ -88,8 +94,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
     def run(folder) -> Result:
         return calibrate(folder, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
-                         confidence=args.confidence, verify=not args.no_verify)
+                         confidence=args.confidence, verify=not args.no_verify, unsure=unsure)
 
+    unsure = (("coverage", args.unsure_coverage) if args.unsure_coverage is not None else
+              ("accuracy", args.unsure_accuracy) if args.unsure_accuracy is not None else None)
+    if unsure is not None and not 0 < unsure[1] <= 1:
+        raise UsageError(f"--unsure-{unsure[0]} {unsure[1]:g} must be a fraction in (0, 1], e.g. 0.9")
     folder = Path(args.model_dir)
     if args.out is None:
         res = run(folder)
@@ -105,6 +115,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         d = {"model_dir": str(folder), "data": str(args.data), "val_images": len(res.data.files),
              "val_fraction": res.data.val_fraction, "final_exit_val_accuracy": c.final_accuracy,
              "calibration": dataclasses.asdict(res.manifest.calibration),
+             "unsure": res.manifest.unsure.to_dict() if res.manifest.unsure else None,
              "macs_fraction": r.macs_fraction, "exit_shares": list(r.exit_shares),
              "per_criterion": {k: (dataclasses.asdict(v.row) if v.met else None) for k, v in res.per_criterion.items()},
              "manifest": str(folder / MANIFEST_NAME), "table": str(folder / TABLE_NAME),
@@ -123,6 +134,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                       else f"{k}: none meets it (closest {_describe(v.closest, res.profile)})"), file=out)
     shares = ", ".join(f"{100.0 * s:.0f}%" for s in r.exit_shares)
     print(f"chosen: {_describe(r, res.profile)} (exits: {shares})", file=out)
+    u = res.manifest.unsure
+    if u is not None:
+        print(f"unsure below confidence {u.floor:.3f} ({u.target} target {u.target_value:g}): validation images "
+              f"answered {_pct(u.val_coverage)}, accuracy on them {_pct(u.val_accuracy_answered)}", file=out)
     print(f"wrote {folder / MANIFEST_NAME} (calibration) and {folder / TABLE_NAME} ({len(res.rows)} thresholds)",
           file=out)
     return EXIT_OK

@@ -1,9 +1,10 @@
-"""erde-run: classify images with an early-exit model folder (onnxruntime, no torch).
+"""erde-run: classify images, a video or a camera with an early-exit model folder (onnxruntime, no torch).
 
 Exit codes: 0 all images classified; 1 some image could not be read (each is
 reported, the others still run); 2 nothing could run (bad option, bad model
-folder, no input). Errors are one ``Error: ...`` line on stderr; ``--debug``
-adds the traceback.
+folder, no image readable); 3 the folder's self-test fails here. Errors are one
+``Error: ...`` line on stderr; ``--debug`` adds the traceback. A run over more
+than one image ends with a summary (``erde.runtime.run_summary``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
 
-from .cliargs import Parser, UsageError, add_verify_option, positive_int, run_cli
-from .errors import ErdeError
+from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
+from .errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
 from .manifest import CRITERIA, MANIFEST_NAME
 from .stages import Prediction
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"  # what a command runs without a folder
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _threshold(text: str) -> float:
@@ -37,7 +36,8 @@ def _threshold(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="erde-run", description="Classify images with an early-exit model folder written by erde-export.")
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image file (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image file (repeatable); - reads one image from standard input")
     p.add_argument("--folder", action="append", default=[], metavar="DIR",
                    help="a folder of images (" + " ".join(("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm")) + ")")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model, if installed)")
@@ -51,7 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per batch (default 1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.add_argument("--video", metavar="FILE", help="classify every frame of a video file (needs erde[video])")
+    p.add_argument("--camera", type=int, metavar="INDEX",
+                   help="classify a camera's frames, always the newest (needs erde[video]); Ctrl-C ends it")
+    p.add_argument("--every", type=positive_int, default=1, metavar="N",
+                   help="with --video or --camera: print every Nth frame's line (all frames count in the summary)")
+    p.add_argument("--max-fps", type=finite_number, metavar="F",
+                   help="with --video: take at most F frames per second of video (the rest count as skipped)")
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="with --video or --camera: stop after N frames")
+    p.add_argument("--no-reject", action="store_true",
+                   help="always name a class, even below the model's \"unsure\" confidence floor")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (or frame) on stdout, then a summary")
     add_verify_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -139,28 +149,36 @@ def static_predictions(engine, x: np.ndarray) -> List[Prediction]:
                        segment_latency_ms=(ms,)) for p, c in zip(probs, probs.argmax(axis=1))]
 
 
-def _human(name: str, pred) -> str:
+def _human(name: str, pred, ms: float, unsure: bool) -> str:
     pct = pred.macs_fraction * 100.0
-    return (f"{name}: {pred.class_name} ({pred.confidence:.2f}) exit {pred.exit_index + 1}/{pred.num_exits}, "
-            f"{pct:.0f}% of full MACs ({max(100.0 - pct, 0.0):.0f}% saved), {pred.latency_ms:.2f} ms")
+    answer = (f"unsure (best guess {pred.class_name} {pred.confidence:.2f})" if unsure
+              else f"{pred.class_name} ({pred.confidence:.2f})")
+    return (f"{name}: {answer} exit {pred.exit_index + 1}/{pred.num_exits}, "
+            f"{pct:.0f}% of full MACs ({max(100.0 - pct, 0.0):.0f}% saved), {ms:.2f} ms")
 
 
-def _json_line(name: str, pred, criterion: Optional[str], threshold: Optional[float]) -> str:
+def _json_line(name: str, pred, criterion: Optional[str], threshold: Optional[float], ms: float, unsure: bool,
+               batch: int) -> str:
     d = {"image": name}
     d.update(pred.to_dict())
-    d["criterion"] = criterion
-    d["threshold"] = threshold
+    d.update(latency_ms=ms, batch_size=batch, unsure=unsure, criterion=criterion, threshold=threshold)
     return json.dumps(d)
 
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here so that `erde-run --help` and option errors need no onnxruntime.
     from .engine import MAX_RUN_BATCH, Engine
-    from .preprocess import list_images, preprocess_one
+    from .preprocess import STDIN, list_images, preprocess_one
+    from .run_summary import RunSummary, label_of
     from .selftest import require_verified
+    from .unsure import floor_of
 
-    if not args.image and not args.folder:
-        raise UsageError("no input; pass --image FILE or --folder DIR (see erde-run --help)")
+    sources = [bool(args.image or args.folder), args.video is not None, args.camera is not None]
+    if sum(sources) != 1:
+        raise UsageError("pass one kind of input: --image FILE (- for standard input) and --folder DIR, or --video "
+                         "FILE, or --camera INDEX (see erde-run --help)")
+    if args.image.count(STDIN) > 1:
+        raise UsageError("--image - (standard input) may be given once")
     if args.static and (args.threshold is not None or args.criterion is not None):
         raise UsageError("--static runs full.onnx without early exits; drop --threshold and --criterion")
     engine = Engine.load(model_folder(args.model), threads=args.threads)
@@ -170,6 +188,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise ErdeError(f"{engine.folder}: this model folder has no full.onnx (manifest 'full' is empty); "
                         "re-export it with erde-export, or leave --static out")
     criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
+    floor = None if args.no_reject or args.static else floor_of(engine.manifest)
     paths: List[Path] = [Path(p) for p in args.image]
     for folder in args.folder:
         paths.extend(list_images(folder))
@@ -177,14 +196,20 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         m = engine.manifest
         rule = "static full.onnx, no early exit" if args.static else \
             f"criterion {criterion}, threshold {threshold:g} ({source})"
-        print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {rule}", file=out)
+        print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {rule}"
+              + (f"; unsure below confidence {floor:.3f}" if floor is not None else ""), file=out)
         line = expected_latency_line(engine, None if args.static else criterion, None if args.static else threshold,
                                      args.threads, err)
         if line:
             print(line, file=out)
+    if not sources[0]:
+        from .stream import run_frames
+
+        return run_frames(engine, args, criterion, threshold, floor, out, err)
     step = min(args.batch_size, MAX_RUN_BATCH)  # larger batches gain nothing and only cost memory
     engine.warmup(min(step, len(paths)), include_full=args.static)  # the first run allocates; keep it out of the reported times
     pre = engine.manifest.preprocessing
+    summary = RunSummary(engine.manifest.class_names, engine.num_exits)
     failed = 0
     for start in range(0, len(paths), step):
         batch = paths[start:start + step]
@@ -192,7 +217,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for path in batch:
             try:
                 arrays.append(preprocess_one(path, pre))
-                names.append(str(path))
+                names.append("<stdin>" if str(path) == STDIN else str(path))
                 lines.append(None)
             except (ErdeError, OSError, ValueError) as e:  # one bad image never stops the others
                 failed += 1
@@ -201,21 +226,30 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 msg = str(e) if str(path) in str(e) else f"{path}: {e}"
                 lines.append(json.dumps({"image": str(path), "error": msg}) if args.json else ("ERR", msg))
         x = np.stack(arrays) if arrays else None
+        t0 = time.perf_counter()
         preds = iter([] if x is None else static_predictions(engine, x) if args.static
                      else engine.predict_array(x, threshold, criterion))
+        share_ms = (time.perf_counter() - t0) * 1000.0 / max(len(arrays), 1)  # a batch's time, per image
         name_it = iter(names)
         for line in lines:
             if line is None:
                 name, pred = next(name_it), next(preds)
+                ms = pred.latency_ms if len(arrays) == 1 else share_ms
+                unsure = floor is not None and pred.confidence < floor
+                summary.add(pred, unsure, label_of(name, engine.manifest.class_names), inference=ms)
                 rule = (None, None) if args.static else (criterion, threshold)
-                print(_json_line(name, pred, *rule) if args.json else _human(name, pred), file=out)
+                print(_json_line(name, pred, *rule, ms, unsure, len(arrays)) if args.json
+                      else _human(name, pred, ms, unsure), file=out)
             elif isinstance(line, tuple):
                 out.flush()
                 print(f"Error: {line[1]}", file=err)
             else:
                 print(line, file=out)
         out.flush()
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+    summary.failed = failed
+    if len(paths) > 1 or args.folder:
+        print(json.dumps({"summary": summary.to_dict()}) if args.json else "\n".join(summary.lines()), file=out)
+    return EXIT_USAGE if failed == len(paths) else EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

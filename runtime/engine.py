@@ -168,6 +168,19 @@ class Engine:
             out.extend(self._run(x, criterion, threshold))
         return out
 
+    def stream(self, frames, threshold: Optional[float] = None, criterion: Optional[str] = None):
+        """One Prediction per frame of any iterable of paths, PIL images or arrays, at batch 1 (erde.runtime.stream)."""
+        from .stream import stream
+
+        return stream(self, frames, threshold, criterion)
+
+    def from_video(self, path, threshold: Optional[float] = None, criterion: Optional[str] = None,
+                   max_fps: Optional[float] = None):
+        """One Prediction per frame of a video file (needs erde[video]; erde.runtime.stream)."""
+        from .stream import from_video
+
+        return from_video(self, path, threshold, criterion, max_fps)
+
     def predict_array(self, x: np.ndarray, threshold: Optional[float] = None, criterion: Optional[str] = None,
                       batch_size: Optional[int] = None, early_exit: bool = True) -> List[Prediction]:
         """Classify preprocessed input [N, 3, H, W] float32; ``batch_size`` None runs all N as one batch.

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .criteria import CRITERIA  # noqa: F401 (re-exported: the manifest names these criteria)
-from .errors import ManifestError
+from .errors import ErdeError, ManifestError
+from .unsure import Unsure, from_dict as unsure_from_dict
 from .files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
 
 SCHEMA_VERSION = 1
@@ -131,6 +132,7 @@ class Manifest:
     source: Dict[str, str] = field(default_factory=dict)  # checkpoint hash, package versions
     quantization: Dict[str, Any] = field(default_factory=dict)  # settings of erde-quantize; {} for fp32
     early_exit_graph: Optional[EarlyExitGraph] = None
+    unsure: Optional[Unsure] = None  # the confidence floor below which erde-run answers "unsure" (erde.runtime.unsure)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -311,6 +313,13 @@ def manifest_from_dict(d: Any) -> Manifest:
     metrics = _typed(d, "metrics", dict, where, errors, {})
     source = _typed(d, "source", dict, where, errors, {})
     quantization = _typed(d, "quantization", dict, where, errors, {})
+    unsure = None
+    u = _typed(d, "unsure", (dict, type(None)), where, errors, None)
+    if u is not None:
+        try:
+            unsure = unsure_from_dict(u)
+        except ErdeError as e:
+            errors.append(str(e))
     if segments and all(segments):
         for i, s in enumerate(segments[:-1]):
             _check(s.feature_output is not None, f"manifest.segments[{i}]: only the last segment may lack feature_output", errors)
@@ -329,7 +338,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         model_name=model_name, class_names=list(class_names), preprocessing=pre, segments=segments, full=full,
         default_criterion=crit, default_threshold=float(thr), calibration=cal, opset=opset,
         mac_convention=d.get("mac_convention", MAC_CONVENTION), metrics=dict(metrics), source=dict(source),
-        quantization=dict(quantization or {}), early_exit_graph=eeg, schema_version=version,
+        quantization=dict(quantization or {}), early_exit_graph=eeg, unsure=unsure, schema_version=version,
     )
 
 

@@ -38,7 +38,7 @@ OWNER_NAME = ".erde-owner.json"
 OWNER_FORMAT = "erde-owner"
 TMP_TAG = ".erde-tmp-"
 MODEL_TOOLS = ("erde-export", "erde-quantize", "erde-calibrate")  # tools whose folders are model folders
-BENCH_TOOLS = ("erde-bench",)
+BENCH_TOOLS = ("erde-bench", "erde-record")  # benchmark folders; erde-record: a record a maintenance script wrote
 
 
 def sha256_file(path: PathLike) -> str:

@@ -12,7 +12,9 @@ EXIF orientation is applied, so a photo is seen upright as a viewer shows it.
 from __future__ import annotations
 
 import math
+import io
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -34,8 +36,18 @@ _WHITE = (255, 255, 255)
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
 
+STDIN = "-"  # an image path of "-" reads the image from standard input (a file named "-": pass ./-)
+
+
 def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
-    """Open and fully decode an image file; raise ImageError saying what is wrong."""
+    """Open and fully decode an image file (or standard input for "-"); raise ImageError saying what is wrong."""
+    if str(path) == STDIN:
+        data = sys.stdin.buffer.read(MAX_IMAGE_BYTES + 1)
+        if not data:
+            raise ImageError("<stdin>: no data; pipe an image in, e.g. erde-run --image - < cat.png")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageError(f"<stdin>: more than the {MAX_IMAGE_BYTES:,}-byte limit for an image")
+        return _decode(io.BytesIO(data), "<stdin>")
     path = Path(path)
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file (use --folder for a folder of images)")
@@ -46,25 +58,35 @@ def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
     if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes); re-copy or re-save the image")
     try:
+        fh = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    with fh:
+        return _decode(fh, path)
+
+
+def _decode(fh, name) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
-                img = Image.open(fh)
-                width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise ImageError(_too_big(path, width, height))
-                img.load()  # decode now, inside the try: a truncated file fails here
+            img = Image.open(fh)
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(_too_big(name, width, height))
+            img.load()  # decode now, inside the try: a truncated file fails here
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image is too large for Pillow's decompression-bomb guard; resize it first") from None
+        raise ImageError(f"{name}: image is too large for Pillow's decompression-bomb guard; resize it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image, or a format Pillow cannot read") from None
+        raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError(f"{name}: permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"), SyntaxError, ...
-        raise ImageError(f"{path}: truncated or corrupt image ({e}); re-copy or re-save it") from None
+        raise ImageError(f"{name}: truncated or corrupt image ({e}); re-copy or re-save it") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block must not lose the picture itself
@@ -72,7 +94,7 @@ def load_image(path: Union[str, "os.PathLike[str]"]) -> Image.Image:
     return img
 
 
-def _too_big(path: Path, width: int, height: int) -> str:
+def _too_big(path, width: int, height: int) -> str:
     return (f"{path}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, more than the "
             f"{MAX_PIXELS / 1e6:g}-megapixel limit (a decompression bomb?); resize it first")
 

@@ -112,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--profile-threads", default="1,2", help="thread counts to measure latency profiles at")
     ap.add_argument("--calibrate-threads", type=positive_int, default=1,
                     help="the thread count whose profile calibration minimises (default 1)")
+    ap.add_argument("--unsure-coverage", type=finite_number, default=0.9,
+                    help="the \"unsure\" floor: the share of validation images still answered (default 0.9)")
     ap.add_argument("--int8", action="store_true",
                     help="rebuild the int8 copy (runtime/models/cifar10-int8) from the bundled fp32 model instead: "
                          "erde-quantize, then profiles and calibration as for the fp32 one")
@@ -178,7 +180,8 @@ def install(args, source: Path, profile_threads: Sequence[int], target: Path = B
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         measure_profiles(tmp, profile_threads)
         result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
-                           threads=args.calibrate_threads, confidence=args.confidence)
+                           threads=args.calibrate_threads, confidence=args.confidence,
+                           unsure=("coverage", args.unsure_coverage))
         if not result.choice.met:
             raise ErdeError(f"no threshold meets a {args.max_drop} point drop on the validation split")
         m = load_manifest(tmp)

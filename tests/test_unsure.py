@@ -1,0 +1,66 @@
+"""runtime/unsure.py: a confidence floor chosen on the validation split, and erde-run's "unsure"."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erde.runtime.calibrate_cli import main as calibrate_main
+from erde.runtime.cli import main as run_main
+from erde.runtime.errors import ErdeError
+from erde.runtime.manifest import load_manifest
+from erde.runtime.unsure import choose_floor, curve
+from runtime_fixtures import make_model_folder, random_image
+
+
+def test_a_coverage_target_is_met_on_the_images_it_was_chosen_on():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.1, 1.0, 5000)
+    correct = rng.uniform(0, 1, 5000) < conf  # surer answers are more often right
+    for target in (0.5, 0.8, 0.9, 0.95):
+        u = choose_floor(conf, correct, "coverage", target)
+        assert target <= u.val_coverage <= target + 0.001
+        assert u.val_accuracy_answered > correct.mean()  # what is answered is more often right
+    u = choose_floor(conf, correct, "accuracy", 0.8)
+    assert u.val_accuracy_answered >= 0.8 and curve(conf, correct, [u.floor - 0.01])[0][2] < 0.8 + 0.01
+    with pytest.raises(ErdeError):
+        choose_floor(conf, correct, "coverage", 1.5)
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    for i in range(80):
+        d = root / "train" / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(8, 8, seed=i)).save(d / f"{i:03d}.png")
+    return root
+
+
+def test_calibrate_chooses_the_floor_on_validation_and_erde_run_says_unsure(tmp_path, data, capsys):
+    model = make_model_folder(tmp_path, head_scales=(0.5, 1.0, 3.0))
+    assert calibrate_main([str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5",
+                           "--unsure-coverage", "0.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    u = load_manifest(model).unsure
+    assert u is not None and u.target == "coverage" and u.val_coverage >= 0.5 and result["unsure"]["floor"] == u.floor
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(12):
+        Image.fromarray(random_image(8, 8, seed=100 + i)).save(images / f"{i:02d}.png")
+    assert run_main(["--model", str(model), "--folder", str(images), "--json", "--threads", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    flags = [r["unsure"] for r in rows[:-1]]
+    assert flags == [r["confidence"] < u.floor for r in rows[:-1]] and any(flags)
+    assert all(r["class_name"] for r in rows[:-1]) and rows[-1]["summary"]["unsure"] == sum(flags)
+    assert run_main(["--model", str(model), "--folder", str(images), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"unsure below confidence {u.floor:.3f}" in out.splitlines()[0] and ": unsure (best guess class" in out
+    assert run_main(["--model", str(model), "--folder", str(images), "--threads", "1", "--no-reject"]) == 0
+    assert ": unsure" not in capsys.readouterr().out
+    # Calibrating again without the option keeps the target and chooses the floor again.
+    assert calibrate_main([str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5"]) == 0
+    assert load_manifest(model).unsure.target_value == 0.5

@@ -29,7 +29,7 @@ from .errors import EXIT_MISMATCH, ErdeError
 from .files import read_capped, write_atomic
 
 SELFTEST_NAME = "selftest.npz"
-SELFTEST_IMAGES = 24  # about 40 ms on the bundled fp32 model at 1 thread (AVX-512 EPYC); int8 about 14 ms
+SELFTEST_IMAGES = 24  # few enough for a check of some tens of milliseconds (docs/reference.md, erde-verify)
 MAX_SELFTEST_BYTES = 8 << 20
 
 

@@ -5,7 +5,8 @@ answers "unsure".
     python scripts/unsure_report.py --data ../shared/datasets/cifar10 --out benchmarks/results/unsure
 
 Writes OUT/README.md and OUT/curve.csv for the bundled fp32 and int8 models (or --model DIR ...). Torch-free.
-The photos are scikit-image's sample photos in tests/data/photos (none of the ten CIFAR-10 classes).
+The photos are scikit-image's sample photos (none of the ten CIFAR-10 classes), kept as 128-pixel uint8 arrays in
+tests/data/photos.npz, one array per photo name.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = Parser(prog="python scripts/unsure_report.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--model", type=Path, action="append", help="model folder (default: both bundled ones)")
-    ap.add_argument("--photos", type=Path, default=ROOT / "tests" / "data" / "photos")
+    ap.add_argument("--photos", type=Path, default=ROOT / "tests" / "data" / "photos.npz")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
@@ -42,11 +43,12 @@ def _run(args, argv) -> int:
     from erde.runtime.engine import Engine
     from erde.runtime.errors import ErdeError
     from erde.runtime.ownership import BENCH_TOOLS, build_folder
-    from erde.runtime.preprocess import list_images
+    from erde.runtime.preprocess import preprocess
     from erde.runtime.unsure import answers, curve
 
     models = args.model or [bundled_model("cifar10"), bundled_model("cifar10-int8")]
-    photos = list_images(args.photos)
+    with np.load(args.photos, allow_pickle=False) as z:
+        photos = {name: z[name] for name in sorted(z.files)}
     rows, md = [], []
     for folder in models:
         e = Engine.load(folder)
@@ -63,7 +65,7 @@ def _run(args, argv) -> int:
                 rows.append([folder.name, split, f"{f:.2f}", f"{cov:.4f}", f"{acc:.4f}"])
             (_, cov, acc), = curve(conf, right, [m.unsure.floor])
             result[split] = (cov, acc, right.mean())
-        cls, conf = answers(validation_probs(e, photos), crit, t)
+        cls, conf = answers(e.exit_probs(preprocess(list(photos.values()), m.preprocessing)), crit, t)
         unsure = conf < m.unsure.floor
         md += [f"### `{folder.name}` (floor {m.unsure.floor:.3f}, chosen for {m.unsure.target} "
                f"{m.unsure.target_value:g} on the validation split)", "",
@@ -71,7 +73,7 @@ def _run(args, argv) -> int:
         md += [f"| {s} | {100 * c:.2f}% | {100 * a:.2f}% | {100 * o:.2f}% |" for s, (c, a, o) in result.items()]
         md += ["", f"Non-CIFAR photos answered \"unsure\": **{int(unsure.sum())} of {len(photos)}** "
                f"({100 * unsure.mean():.0f}%). Each: " + ", ".join(
-                   f"{p.stem} {'unsure' if u else m.class_names[c]} {x:.2f}"
+                   f"{p} {'unsure' if u else m.class_names[c]} {x:.2f}"
                    for p, c, x, u in zip(photos, cls, conf, unsure)), ""]
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([["model", "split", "floor", "coverage", "accuracy_answered"]] + rows)

@@ -64,3 +64,20 @@ def test_calibrate_chooses_the_floor_on_validation_and_erde_run_says_unsure(tmp_
     # Calibrating again without the option keeps the target and chooses the floor again.
     assert calibrate_main([str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5"]) == 0
     assert load_manifest(model).unsure.target_value == 0.5
+
+
+def test_the_bundled_model_is_unsure_about_most_photos_of_other_things():
+    """scikit-image's sample photos (none of the ten classes): at least two thirds answered "unsure"."""
+    from pathlib import Path
+
+    from erde.runtime import Engine, bundled_model
+    from erde.runtime.preprocess import preprocess
+    from erde.runtime.unsure import answers
+
+    with np.load(Path(__file__).parent / "data" / "photos.npz") as z:
+        photos = [z[k] for k in z.files]
+    for name in ("cifar10", "cifar10-int8"):
+        engine = Engine.load(bundled_model(name), threads=1)
+        crit, t, _ = engine.resolve_threshold()
+        _, conf = answers(engine.exit_probs(preprocess(photos, engine.manifest.preprocessing)), crit, t)
+        assert (conf < engine.manifest.unsure.floor).sum() >= 2 * len(photos) / 3, name

@@ -15,8 +15,7 @@ from erde.runtime import criteria
 from erde.runtime.errors import ErdeError
 
 DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
-    "max-prob": (0.5, 0.8, 0.9, 0.95, 0.99),
-    "entropy": (0.5, 0.3, 0.2, 0.1, 0.05),
+    name: c.report_thresholds for name, c in criteria.REGISTRY.items()
 }
 ENGINE, ENGINE_ALL, FULL, TORCH = "engine", "engine-all-segments", "full-onnx", "torch-eager"
 ENGINE_CMP, FULL_CMP = "compare-engine", "compare-full-onnx"  # --compare DIR: e.g. the int8 folder

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder written by erde-export (default: the bundled CIFAR-10 model)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
     p.add_argument("--thresholds", type=_thresholds, metavar="T,T,...",
-                   help="exit thresholds to measure (default: 0.5,0.8,0.9,0.95,0.99 for max-prob, "
-                        "0.5,0.3,0.2,0.1,0.05 for entropy); the calibrated threshold is always added")
+                   help="exit thresholds to measure (default: " + "; ".join(
+                       f"{','.join(f'{t:g}' for t in ts)} for {c}" for c, ts in DEFAULT_THRESHOLDS.items())
+                   + "); the calibrated threshold is always added")
     p.add_argument("--criterion", choices=CRITERIA,
                    help="exit rule (default: the calibrated one, else the manifest's default)")
     p.add_argument("--threads", type=_int(1), metavar="N", help="threads for onnxruntime, erde-run and torch "

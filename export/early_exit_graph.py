@@ -1,10 +1,11 @@
 """One ONNX graph that runs the whole early-exit model at batch 1: nested ``If`` nodes, one per early exit.
 
-    inputs:  image [1,3,H,W] float32; thresholds [E-1] float32 (one per early exit); entropy: bool
+    inputs:  image [1,3,H,W] float32; thresholds [E-1] float32 (one per early exit); criterion: int64, the
+             position of the exit criterion in erde.runtime.criteria.CRITERIA
     outputs: probs [1,K] float32 (the exit that answered); exit [1] int64 (its 0-based index)
 
-Segment k's nodes run; if its exit passes the rule (max-prob: max(p) >= thresholds[k]; entropy:
-H(p)/log K <= thresholds[k]) the graph answers there, else the ``else`` branch runs segment k+1.
+Segment k's nodes run; if its exit passes the rule (the criterion's own nodes, from erde.runtime.criteria,
+against thresholds[k]) the graph answers there, else the ``else`` branch runs segment k+1.
 Each branch holds its own weights (initializers inside the subgraph): with the weights in the
 main graph, onnxruntime leaves the subgraph convolutions out of its blocked (NCHWc) layout and
 runs them far slower. One ``session.run`` replaces the segment chain's Python loop and feature
@@ -15,13 +16,13 @@ runtime). Built from the segment graphs of a model folder, so it needs onnx, not
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 from typing import List, Tuple
 
 import onnx
 from onnx import TensorProto, helper
 
+from erde.runtime.criteria import CRITERIA, get as criteria_get
 from erde.runtime.manifest import EarlyExitGraph, Manifest
 
 FILE = "early_exit.onnx"
@@ -54,29 +55,24 @@ def _renamed(graph: onnx.GraphProto, k: int, outer_input: str) -> Tuple[List, Li
 
 
 def _leave(k: int, probs: str, num_classes: int) -> Tuple[List, str]:
-    """Nodes deciding whether the image leaves at exit k (both criteria; the ``entropy`` input picks)."""
+    """Nodes deciding whether the image leaves at exit k: every criterion's own nodes (``Criterion.onnx_nodes``),
+    the one the ``criterion`` input names (its position in ``CRITERIA``) chosen with Equal/And/Or."""
     p = f"rule{k}/"
-    const = lambda n, v, dtype=TensorProto.FLOAT: helper.make_node(  # noqa: E731
-        "Constant", [], [p + n], value=helper.make_tensor(p + n, dtype, [], [v]))
-    return [
-        const("k", k, TensorProto.INT64),
-        helper.make_node("Gather", ["thresholds", p + "k"], [p + "t"], axis=0),
-        helper.make_node("ReduceMax", [probs], [p + "conf"], axes=[1], keepdims=0),
-        helper.make_node("GreaterOrEqual", [p + "conf", p + "t"], [p + "by_conf"]),
-        const("tiny", 1e-12), const("one", 1.0), const("log_k", math.log(num_classes)),
-        helper.make_node("Clip", [probs, p + "tiny", p + "one"], [p + "clipped"]),
-        helper.make_node("Log", [p + "clipped"], [p + "log"]),
-        helper.make_node("Mul", [probs, p + "log"], [p + "plogp"]),
-        helper.make_node("Constant", [], [p + "axis"], value=helper.make_tensor(p + "axis", TensorProto.INT64, [1], [1])),
-        helper.make_node("ReduceSum", [p + "plogp", p + "axis"], [p + "neg_h"], keepdims=0),
-        helper.make_node("Neg", [p + "neg_h"], [p + "h"]),
-        helper.make_node("Div", [p + "h", p + "log_k"], [p + "h_norm"]),
-        helper.make_node("LessOrEqual", [p + "h_norm", p + "t"], [p + "by_entropy"]),
-        helper.make_node("And", ["entropy", p + "by_entropy"], [p + "e_and"]),  # Where has no bool kernel in ORT
-        helper.make_node("Not", ["entropy"], [p + "not_e"]),
-        helper.make_node("And", [p + "not_e", p + "by_conf"], [p + "c_and"]),
-        helper.make_node("Or", [p + "e_and", p + "c_and"], [p + "leave"]),
-    ], p + "leave"
+    nodes = [helper.make_node("Constant", [], [p + "k"], value_int=k),
+             helper.make_node("Gather", ["thresholds", p + "k"], [p + "t"], axis=0)]
+    chosen = []
+    for i, name in enumerate(CRITERIA):
+        q = f"{p}{name}/"
+        specs, leave = criteria_get(name).onnx_nodes(q, probs, p + "t", num_classes)
+        nodes += [helper.make_node(op, inputs, outputs, **attrs) for op, inputs, outputs, attrs in specs]
+        nodes += [helper.make_node("Constant", [], [q + "index"], value_int=i),
+                  helper.make_node("Equal", ["criterion", q + "index"], [q + "named"]),
+                  helper.make_node("And", [q + "named", leave], [q + "chosen"])]  # Where has no bool kernel in ORT
+        chosen.append(q + "chosen")
+    while len(chosen) > 1:
+        nodes.append(helper.make_node("Or", chosen[:2], [f"{p}or{len(chosen)}"]))
+        chosen = [f"{p}or{len(chosen)}"] + chosen[2:]
+    return nodes, chosen[0]
 
 
 def _answer(tag: str, probs: str, k: int) -> List:
@@ -118,7 +114,7 @@ def write_early_exit_graph(folder: Path, manifest: Manifest) -> EarlyExitGraph:
         nodes, "erde_early_exit",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w]),
          helper.make_tensor_value_info("thresholds", TensorProto.FLOAT, [max(1, manifest.num_exits - 1)]),
-         helper.make_tensor_value_info("entropy", TensorProto.BOOL, [])],
+         helper.make_tensor_value_info("criterion", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, k_classes]),
          helper.make_tensor_value_info("exit", TensorProto.INT64, [1])],
         initializer=inits)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.criteria import CRITERIA, exit_indices, normalized_entropy
+from erde.runtime.criteria import CRITERIA, exit_indices, get
 from erde.runtime.engine import Engine
 from erde.training.models import EarlyExitResNet
 
@@ -78,7 +78,7 @@ def parity_checks(model: EarlyExitResNet, folder: Path, x: torch.Tensor) -> List
                             + (f"; {wrong} answers from the wrong exit" if wrong else "")))
     early = ref[:-1]
     for criterion in CRITERIA:
-        conf = early.max(-1) if criterion == "max-prob" else normalized_entropy(early)
+        conf = get(criterion).score(early)
         thresholds = _midpoints(conf.ravel(), 9)
         wrong = []
         for t in thresholds:

@@ -64,12 +64,9 @@ BATCH_SIZE = 64
 EXIT_OK, EXIT_NOT_MET, EXIT_USAGE = 0, 1, 2
 
 def threshold_grid(criterion: str) -> List[float]:
-    """The thresholds tried: max-prob 0.300..0.999, entropy 0.001..0.900, in steps of 0.001."""
-    if criterion == "max-prob":
-        return [round(0.3 + i / 1000.0, 3) for i in range(700)]
-    if criterion == "entropy":
-        return [round((i + 1) / 1000.0, 3) for i in range(900)]
-    raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    """The thresholds tried (``Criterion.grid``: max-prob 0.300..0.999, entropy 0.001..0.900, margin
+    0.001..0.999, in steps of 0.001)."""
+    return list(criteria.get(criterion).grid)
 
 # ----------------------------------------------------------------------------------------------------------
 # The table
@@ -100,7 +97,7 @@ def latency_cost(profile: LatencyProfile) -> Cost:
 
 def _strictness(row: ThresholdRow) -> float:
     """Larger = fewer images leave early."""
-    return row.threshold if row.criterion == "max-prob" else -row.threshold
+    return criteria.get(row.criterion).strictness(row.threshold)
 
 @dataclass(frozen=True)
 class Choice:
@@ -281,7 +278,7 @@ class Result:
     profile: Optional[LatencyProfile] = None  # the latency profile used (None: the cost was MACs)
     profile_note: str = ""  # why no profile was used
 
-def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "both",
+def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike], criterion: str = "all",
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
               val_fraction: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
               batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE, verify: bool = True,
@@ -295,10 +292,10 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
 
     check_target(mode, target)
     check_confidence(confidence)
-    crits = list(CRITERIA) if criterion == "both" else [criterion]
+    crits = list(CRITERIA) if criterion == "all" else [criterion]
     for c in crits:
         if c not in CRITERIA:
-            raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, both")
+            raise ErdeError(f"unknown criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}, all")
     engine = Engine.load(model_dir, threads=threads)
     if write:
         check_may_store(engine.folder)

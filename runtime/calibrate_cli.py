@@ -19,6 +19,7 @@ from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_ME
                         Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
 from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
 from .errors import ErdeError
+from .criteria import RULES
 from .manifest import CRITERIA, load_manifest
 from .ownership import MODEL_TOOLS, build_folder, check_replaceable
 from .selftest import SELFTEST_NAME
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by erde-export")
     p.add_argument("--data", required=True, metavar="PATH",
                    help="the image folder the model was trained on: PATH/train/<class>/*.png")
-    p.add_argument("--criterion", choices=CRITERIA + ("both",), default="both",
-                   help="exit rule to calibrate; both: calibrate each, keep the better (default both)")
+    p.add_argument("--criterion", choices=CRITERIA + ("all",), default="all",
+                   help="exit rule to calibrate (" + "; ".join(RULES.values()) + "); all: calibrate each, keep the best (default all)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--max-drop", type=finite_number, metavar="P",
                         help="lowest cost (expected latency with a profile, else MACs) losing at most P points of "

@@ -21,6 +21,7 @@ import numpy as np
 
 from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
 from .errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
+from .criteria import RULES
 from .manifest import CRITERIA, MANIFEST_NAME
 from .stages import Prediction
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
     p.add_argument("--criterion", choices=CRITERIA,
-                   help="max-prob: leave when max probability >= T; entropy: leave when normalised entropy <= T")
+                   help="; ".join(RULES.values()))
     p.add_argument("--static", action="store_true",
                    help="run full.onnx, the static network, without early exits (where the latency profile says "
                         "early exit does not pay on this machine)")

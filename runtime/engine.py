@@ -41,12 +41,8 @@ def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray
 
 
 def _exit_test(criterion: str, threshold: float) -> ExitTest:
-    """``exit_mask`` for one image's probabilities as Python floats. The threshold is rounded to float32 once,
-    so the comparison stays the one exit_mask makes (float32 probabilities against a float32 threshold)."""
-    if criterion == "max-prob":
-        t32 = float(np.float32(threshold))
-        return lambda values: max(values) >= t32
-    return lambda values: bool(criteria.normalized_entropy(np.asarray(values, dtype=np.float32)) <= threshold)
+    """``exit_mask`` for one image's probabilities as Python floats (``Criterion.scalar_test``)."""
+    return criteria.get(criterion).scalar_test(threshold)
 
 
 def _stage_ms(marks: Sequence[float]) -> Tuple[float, ...]:
@@ -115,7 +111,7 @@ class Engine:
             path = folder / eeg.file
             sess = make_session(_read_checked(folder, eeg.file, eeg.sha256), threads, providers, shared_pool,
                                 name=str(path))
-            _check_io(sess, path, ["image", "thresholds", "entropy"], ["probs", "exit"], inputs_count=3)
+            _check_io(sess, path, ["image", "thresholds", "criterion"], ["probs", "exit"], inputs_count=3)
             single = _Stage(sess, "image", ["probs", "exit"], eeg.file)
         return cls(folder, manifest, stages, full, threads, single)
 
@@ -308,13 +304,12 @@ class Engine:
 
         ``threshold`` None: nobody leaves early; ``leave_at``: leave at that exit whatever the confidence.
         """
-        entropy = criterion == "entropy"
-        never, always = (-1.0, 2.0) if entropy else (2.0, -1.0)
-        t = np.full(max(1, self.num_exits - 1), never if threshold is None else threshold, dtype=np.float32)
+        rule = criteria.get(criterion)
+        t = np.full(max(1, self.num_exits - 1), rule.never if threshold is None else threshold, dtype=np.float32)
         if leave_at is not None and leave_at < self.num_exits - 1:
-            t[:leave_at] = never
-            t[leave_at] = always
-        feeds = {"image": x, "thresholds": t, "entropy": np.array(entropy)}
+            t[:leave_at] = rule.never
+            t[leave_at] = rule.always
+        feeds = {"image": x, "thresholds": t, "criterion": np.array(criteria.CRITERIA.index(criterion), np.int64)}
         start = time.perf_counter()
         try:
             probs, exit_ = self._single.session.run(self._single.output_names, feeds)

@@ -76,7 +76,8 @@ class FullGraph:
 class EarlyExitGraph:
     """The whole model as one graph for batch 1 (nested If nodes; see erde.export.early_exit_graph).
 
-    Inputs ``image`` [1,3,H,W], ``thresholds`` [E-1] float32 and ``entropy`` (bool); outputs ``probs``
+    Inputs ``image`` [1,3,H,W], ``thresholds`` [E-1] float32 and ``criterion`` (int64, a position in CRITERIA);
+    outputs ``probs``
     [1,K] and ``exit`` [1] int64. Optional: the engine falls back to the segment chain without it.
     """
 

@@ -179,7 +179,7 @@ def install(args, source: Path, profile_threads: Sequence[int], target: Path = B
     def build(tmp: Path):
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         measure_profiles(tmp, profile_threads)
-        result = calibrate(tmp, args.data, criterion="both", mode="accuracy-drop", target=args.max_drop,
+        result = calibrate(tmp, args.data, criterion="all", mode="accuracy-drop", target=args.max_drop,
                            threads=args.calibrate_threads, confidence=args.confidence,
                            unsure=("coverage", args.unsure_coverage))
         if not result.choice.met:

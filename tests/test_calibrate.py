@@ -168,7 +168,7 @@ def test_accuracy_drop_mode(capsys, model, data):
     c = m.calibration
     assert (c.mode, c.target, c.table_file, c.confidence) == ("accuracy-drop", 0.0, "calibration.csv", 0.5)
     rows = read_table(model)
-    assert len(rows) == 700 + 900 and {r["criterion"] for r in rows} == {"max-prob", "entropy"}
+    assert len(rows) == 700 + 900 + 999 and {r["criterion"] for r in rows} == {"max-prob", "entropy", "margin"}
     final = m.metrics["calibration_val_accuracy_final_exit"]
     assert c.val_accuracy >= final - 1e-9
     ok = [r for r in rows if float(r["val_accuracy"]) >= final - 1e-9]
@@ -197,7 +197,7 @@ def test_confidence_bound_is_the_default(capsys, model, data):
 
 
 def test_table_rows_match_engine(model, data):
-    res = cal_mod.calibrate(model, data, "both", "accuracy-drop", 100.0, 0.5, threads=1, write=False)
+    res = cal_mod.calibrate(model, data, "all", "accuracy-drop", 100.0, 0.5, threads=1, write=False)
     files, labels = val_set(data)
     eng = _engine(model)
     picks = {("max-prob", 0.5), ("max-prob", 0.9), ("entropy", 0.2), ("entropy", 0.6)}

@@ -132,7 +132,7 @@ def _bad_model(tmp_path):
     (["--threshold", "nan"], "threshold nan is not a number in [0, 1]"),
     (["--threshold", "-0.2"], "is not a number in [0, 1]"),
     (["--threshold", "high"], "expected a number in [0, 1], got 'high'"),
-    (["--criterion", "margin"], "argument --criterion: invalid choice: 'margin'"),
+    (["--criterion", "top-3"], "argument --criterion: invalid choice: 'top-3'"),
     (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
     (["--batch-size", "-3"], "argument --batch-size: expected a positive integer"),
     (["--criterion", "entropy"], "has no threshold for criterion 'entropy'"),

@@ -36,3 +36,34 @@ def test_sweep_accuracy_costs_and_paired_drop_stderr():
     d = np.array([-1.0, 1.0, 0.0, 0.0])
     assert loose.drop_stderr == pytest.approx(d.std(ddof=1) / math.sqrt(4))
     assert strict.accuracy - loose.accuracy == pytest.approx(d.mean())
+
+
+def test_every_criterion_has_one_rule_in_numpy_floats_and_onnx():
+    """Each registered criterion: the batch mask, the batch-1 float test and its ONNX nodes agree."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from erde.runtime.criteria import CRITERIA, get
+
+    rng = np.random.default_rng(0)
+    probs = np.concatenate([rng.dirichlet(np.full(10, a), 200) for a in (0.1, 1.0, 10.0)]).astype(np.float32)
+    for name in CRITERIA:
+        c = get(name)
+        specs, leave = c.onnx_nodes("r/", "probs", "t", 10)
+        graph = helper.make_graph([helper.make_node(op, i, o, **a) for op, i, o, a in specs], name,
+                                  [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 10]),
+                                   helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+                                  [helper.make_tensor_value_info(leave, TensorProto.BOOL, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        scores = c.score(probs)
+        for t in np.quantile(scores, [0.1, 0.5, 0.9]).astype(np.float32):
+            mask = c.passes(probs, float(t))
+            test = c.scalar_test(float(t))
+            assert [test([float(v) for v in p]) for p in probs] == mask.tolist(), name
+            onnx_mask = [bool(sess.run(None, {"probs": p[None], "t": np.array(t)})[0].ravel()[0]) for p in probs]
+            assert onnx_mask == mask.tolist(), name
+            assert 0 < mask.mean() < 1, (name, t)  # the thresholds split the images
+        assert c.passes(probs, c.always).all() and not c.passes(probs, c.never).any()

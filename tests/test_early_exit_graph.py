@@ -14,7 +14,7 @@ def test_every_branch_holds_its_own_weights(exported):
     assert len(ifs) == 1  # nested: one If at each level
     else_branch = next(a.g for a in ifs[0].attribute if a.name == "else_branch")
     assert len(else_branch.initializer) > 0  # segment 1's weights live inside its branch
-    assert {i.name for i in model.graph.input} == {"image", "thresholds", "entropy"}
+    assert {i.name for i in model.graph.input} == {"image", "thresholds", "criterion"}
 
 
 def test_forced_exits_and_thresholds_per_exit(exported):
@@ -29,3 +29,20 @@ def test_forced_exits_and_thresholds_per_exit(exported):
     assert p.exit_index == 0 and len(p.segment_latency_ms) == 1
     p = eng.predict_array(x, early_exit=False)[0]
     assert p.exit_index == eng.num_exits - 1
+
+
+def test_every_criterion_leaves_where_the_chain_does(exported):
+    """The single graph's nodes for each registered criterion (erde.runtime.criteria) decide as numpy does."""
+    from erde.runtime.criteria import CRITERIA, exit_indices, get
+
+    out, _ = exported
+    eng = Engine.load(out, threads=1)
+    x = np.random.default_rng(1).standard_normal((12, 3, 32, 32)).astype(np.float32)
+    probs = eng.exit_probs(x)
+    for criterion in CRITERIA:
+        scores = np.sort(get(criterion).score(probs[:-1]).ravel())
+        for t in (scores[len(scores) // 4], scores[len(scores) // 2], scores[3 * len(scores) // 4]):
+            want = exit_indices(probs, criterion, float(t)).tolist()
+            have = [eng.predict_array(x[i:i + 1], float(t), criterion)[0].exit_index for i in range(len(x))]
+            assert have == want, (criterion, t)
+            assert eng.single_graph

@@ -50,6 +50,9 @@ def reference(folder, x, criterion, t):
             p = p[i]  # float32, as the exit rule compares (t rounded to float32 for max-prob)
             if criterion == "max-prob":
                 leave = p.max() >= np.float32(t)
+            elif criterion == "margin":
+                a, b = sorted(p.tolist())[-2:]
+                leave = np.float32(b) - np.float32(a) >= np.float32(t)
             else:
                 ent = -sum(float(v) * math.log(max(float(v), 1e-12)) for v in p) / math.log(len(p))
                 leave = min(max(ent, 0.0), 1.0) <= t
@@ -66,6 +69,7 @@ def triples(preds):
 @pytest.mark.parametrize("criterion, thresholds", [
     ("max-prob", [0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0]),
     ("entropy", [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]),
+    ("margin", [0.0, 0.2, 0.5, 0.7, 0.9, 1.0]),
 ])
 def test_exits_match_numpy_reference(folder, eng, criterion, thresholds):
     mixed = False
@@ -104,10 +108,10 @@ def test_bad_thresholds(eng, t):
 
 
 def test_unknown_criterion(eng):
-    with pytest.raises(ErdeError, match="unknown exit criterion 'margin'"):
-        eng.predict_array(X[:1], 0.5, "margin")
+    with pytest.raises(ErdeError, match="unknown exit criterion 'top-3'"):
+        eng.predict_array(X[:1], 0.5, "top-3")
     with pytest.raises(ErdeError, match="unknown exit criterion"):
-        exit_mask(np.full((1, 4), 0.25, np.float32), "margin", 0.5)
+        exit_mask(np.full((1, 4), 0.25, np.float32), "top-3", 0.5)
 
 
 def test_exit_mask_near_uniform_leaves_at_entropy_one():
@@ -130,7 +134,7 @@ def test_exit_mask_uniform_and_one_hot():
     assert exit_mask(p, "max-prob", 0.26).tolist() == [False, True]
 
 
-@pytest.mark.parametrize("criterion, t", [("max-prob", 0.9), ("entropy", 0.2)])
+@pytest.mark.parametrize("criterion, t", [("max-prob", 0.9), ("entropy", 0.2), ("margin", 0.7)])
 def test_batch_equals_batch_size_one(eng, criterion, t):
     single = [eng.predict_array(X[i:i + 1], t, criterion)[0] for i in range(len(X))]
     assert len({p.exit_index for p in single}) == 3

@@ -12,7 +12,7 @@ def test_parity_passes_on_a_good_export(exported, tiny_student):
     x = torch.randn(16, 3, 32, 32)
     lines = []
     assert check_parity(model, out, x, lines.append) == []
-    assert len(lines) == 8 and all(ln.startswith("✓ ") for ln in lines)  # 4 segments, full, early_exit, 2 rules
+    assert len(lines) == 9 and all(ln.startswith("✓ ") for ln in lines)  # 4 segments, full, early_exit, 3 rules
 
 
 def test_parity_reports_every_mismatch(exported, tiny_student, tmp_path):
@@ -46,4 +46,4 @@ def test_export_after_engine_load_in_one_process(tiny_student, tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["9", "True", "self-test"]
+    assert r.stdout.split() == ["10", "True", "self-test"]

@@ -215,14 +215,14 @@ def compact_cmd(checkpoint, out, force):
 @click.option("--data", "data_path", envvar="ERDE_DATA", required=True, type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="val: the held-out part of train used for tuning; test: only for final numbers.")
-@click.option("--criterion", type=click.Choice(list(CRITERIA) + ["both"]), default="both", show_default=True)
+@click.option("--criterion", type=click.Choice(list(CRITERIA) + ["all"]), default="all", show_default=True)
 @click.option("--thresholds", default=None, help="Comma-separated thresholds (default: a standard list).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results to this JSON file.")
 @debug_option
 @friendly_errors
 def eval_cmd(checkpoint, data_path, split, criterion, thresholds, json_out):
     """Per-exit accuracy and accuracy / mean MACs at exit thresholds (PyTorch)."""
-    criteria = list(CRITERIA) if criterion == "both" else [criterion]
+    criteria = list(CRITERIA) if criterion == "all" else [criterion]
     r = evaluate_checkpoint(checkpoint, data_path, split, criteria, thresholds)
     click.echo(f"{checkpoint} on {split} ({r['images']} images); MACs = multiply-accumulates per image")
     click.echo("exit  accuracy  cumulative MACs")

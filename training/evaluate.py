@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from .data import normalize
 from .models import EarlyExitResNet
 
-DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
-    "max-prob": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
-    "entropy": (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
-}
+from erde.runtime.criteria import REGISTRY
+
+DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {name: c.report_thresholds for name, c in REGISTRY.items()}
 
 
 @torch.no_grad()

@@ -198,11 +198,15 @@ def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE
     """Preprocess the files as erde-run does and return every exit's probabilities [E, N, K]."""
     from .preprocess import preprocess_one
 
+    from .progress import stage
+
     pre = engine.manifest.preprocessing
     parts = []
-    for start in range(0, len(files), batch_size):
-        x = np.stack([preprocess_one(p, pre) for p in files[start:start + batch_size]])
-        parts.append(engine.exit_probs(x))
+    with stage(f"images through {engine.num_exits} exits", total=len(files)) as tick:
+        for start in range(0, len(files), batch_size):
+            x = np.stack([preprocess_one(p, pre) for p in files[start:start + batch_size]])
+            parts.append(engine.exit_probs(x))
+            tick(start + len(x))
     return np.concatenate(parts, axis=1)
 
 # ----------------------------------------------------------------------------------------------------------

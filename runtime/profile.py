@@ -144,19 +144,23 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
         engine.predict_array(x, early_exit=False)
         return (clock() - t0) * 1000.0
 
+    from .progress import stage
+
     cum: List[List[float]] = [[] for _ in range(n_exits)]
     full: List[float] = []
     whole: List[float] = []
     totals: List[float] = []
     per_round = max(1, calls // rounds)
-    for _ in range(rounds):  # each series in a block of consecutive calls, as a user's calls come
-        for k in range(n_exits):
-            cum[k] += [engine.time_to_exit(x, k) for _ in range(per_round)]
-        last = [predict_ms() for _ in range(per_round)]
-        whole += last
-        if engine.has_full:
-            full += [full_ms() for _ in range(per_round)]
-        totals.append(_trimmed_mean(last))
+    with stage(f"timing {n_exits} exits and full.onnx in rounds of {per_round} calls", total=rounds) as tick:
+        for r in range(rounds):  # each series in a block of consecutive calls, as a user's calls come
+            for k in range(n_exits):
+                cum[k] += [engine.time_to_exit(x, k) for _ in range(per_round)]
+            last = [predict_ms() for _ in range(per_round)]
+            whole += last
+            if engine.has_full:
+                full += [full_ms() for _ in range(per_round)]
+            totals.append(_trimmed_mean(last))
+            tick(r + 1)
     spread = (max(totals) - min(totals)) / float(np.mean(totals))
     # What predict adds around the graphs (argument checks, the Prediction) is paid at every exit alike.
     overhead = max(0.0, _trimmed_mean(whole) - _trimmed_mean(cum[-1]))

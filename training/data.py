@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from erde.runtime.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
+from erde.runtime.progress import stage
 
 from .recipe import Augment
 
@@ -90,7 +91,12 @@ def load_image_folder(root: Path, size: Tuple[int, int] = (32, 32), cache: bool 
         if images is not None and images.shape != (len(files), size[0], size[1], 3):
             images = None
     if images is None:
-        images = np.stack([_decode(p, size) for p in files])
+        images = np.empty((len(files), size[0], size[1], 3), dtype=np.uint8)
+        with stage(f"decoding {root} into {cache_file if cache else 'memory'} (once)", total=len(files)) as tick:
+            for i, p in enumerate(files):
+                images[i] = _decode(p, size)
+                if i % 256 == 0:
+                    tick(i)
         if cache:
             _save_npy_atomic(cache_file, images)
     return Dataset(images, folder.labels, folder.class_names, "image-folder")

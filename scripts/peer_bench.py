@@ -1,0 +1,214 @@
+"""Against what a user would run instead: the bundled student on onnxruntime (erde's engine and the static
+full.onnx, fp32 and int8), on OpenVINO (the same full.onnx, and the same segment chain with the same exit
+rule), and in PyTorch eager mode (the static network and the early-exit loop), batch 1, same test images.
+
+    python scripts/peer_bench.py --data ../shared/datasets/cifar10 --threads 1,2 --out benchmarks/results/peers-epyc
+
+One fresh process per thread count (onnxruntime's thread pool is fixed per process). In each, every method runs
+every image once, in interleaved rounds of 500 images per method; latency is the wall time of one call (the
+image already preprocessed), accuracy is over the same calls. OpenVINO is compiled as its documentation advises
+for latency (PERFORMANCE_HINT LATENCY, one stream, INFERENCE_NUM_THREADS), with f32 inference precision so
+that its fp32 answers are fp32 (on CPUs with bf16 its default may be bf16). earlyon's staged execution was not
+tried: it splits only backbones that are a literal nn.Sequential with its own exit heads, which this student
+is not. Needs openvino and torch; run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from erde.runtime.cliargs import Parser, positive_int, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
+Method = Callable[[np.ndarray], Tuple[int, int]]  # image [1,3,H,W] -> (class, exit index)
+
+
+def ort_methods(threads: int) -> Dict[str, Method]:
+    from erde.runtime import Engine, bundled_model
+
+    out: Dict[str, Method] = {}
+    for name, tag in (("cifar10", "fp32"), ("cifar10-int8", "int8")):
+        e = Engine.load(bundled_model(name), threads=threads)
+        last = e.num_exits - 1
+        out[f"onnxruntime {tag} full.onnx"] = lambda x, e=e, last=last: (int(e.run_full(x)[0].argmax()), last)
+
+        def engine(x, e=e):
+            p = e.predict_array(x)[0]
+            return p.class_index, p.exit_index
+        out[f"onnxruntime {tag} erde engine"] = engine
+    return out
+
+
+def openvino_methods(threads: int) -> Dict[str, Method]:
+    import openvino as ov
+
+    from erde.runtime import bundled_model, criteria
+    from erde.runtime.manifest import load_manifest
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads),
+              "INFERENCE_PRECISION_HINT": "f32"}
+    out: Dict[str, Method] = {}
+    for name, tag in (("cifar10", "fp32"), ("cifar10-int8", "int8")):
+        folder = bundled_model(name)
+        m = load_manifest(folder)
+        last = m.num_exits - 1
+        full = core.compile_model(str(folder / m.full.file), "CPU", config).create_infer_request()
+
+        def run_full(x, req=full, last=last):
+            req.infer({0: x})
+            return int(req.get_output_tensor(0).data[0].argmax()), last
+        out[f"OpenVINO {tag} full.onnx"] = run_full
+        stages = []
+        for seg in m.segments:
+            compiled = core.compile_model(str(folder / seg.file), "CPU", config)
+            stages.append((compiled.create_infer_request(), compiled.output(seg.probs_output),
+                           compiled.output(seg.feature_output) if seg.feature_output else None))
+        test = criteria.get(m.calibration.criterion).scalar_test(m.calibration.threshold)
+
+        def run_chain(x, stages=stages, test=test, last=last):
+            feed = x
+            for k, (req, probs_out, feat_out) in enumerate(stages):
+                req.infer({0: feed})
+                probs = req.get_tensor(probs_out).data[0]
+                if k == last or test(probs.tolist()):
+                    return int(probs.argmax()), k
+                feed = req.get_tensor(feat_out).data
+            raise AssertionError("unreachable")
+        out[f"OpenVINO {tag} segment chain, same exit rule"] = run_chain
+    return out
+
+
+def torch_methods(threads: int) -> Dict[str, Method]:
+    import torch
+
+    from erde.export.segments import FullPath
+    from erde.runtime import bundled_model, criteria
+    from erde.runtime.manifest import load_manifest
+    from erde.training.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(CHECKPOINT)
+    model.eval()
+    static = FullPath(model.for_export()).eval()
+    cal = load_manifest(bundled_model("cifar10")).calibration
+    test = criteria.get(cal.criterion).scalar_test(cal.threshold)
+    last = model.cfg.num_exits - 1
+
+    def run_static(x):
+        with torch.inference_mode():
+            return int(static(torch.from_numpy(x))[0].argmax()), last
+
+    def run_loop(x):
+        with torch.inference_mode():
+            h = torch.from_numpy(x)
+            for k in range(last + 1):
+                h, logits = model.run_segment(k, h)
+                p = torch.softmax(logits, dim=1)[0]
+                if k == last or test(p.tolist()):
+                    return int(p.argmax()), k
+    return {"PyTorch eager static": run_static, "PyTorch eager early-exit loop": run_loop}
+
+
+def measure(data: Path, threads: int, images: int, block: int = 500) -> dict:
+    """Every method on every image, in interleaved rounds of ``block`` images; this process's one thread count."""
+    from erde.runtime import bundled_model
+    from erde.runtime.datasets import image_folder_split
+    from erde.runtime.manifest import load_manifest
+    from erde.runtime.preprocess import preprocess_one
+
+    test = image_folder_split(data, "test")
+    pick = np.linspace(0, len(test.files) - 1, min(images, len(test.files))).round().astype(int)
+    pre = load_manifest(bundled_model("cifar10")).preprocessing
+    xs = [preprocess_one(test.files[i], pre)[None] for i in pick]
+    labels = test.labels[pick]
+    methods = {**ort_methods(threads), **openvino_methods(threads), **torch_methods(threads)}
+    for run in methods.values():  # warm-up
+        for x in xs[:20]:
+            run(x)
+    times = {name: [] for name in methods}
+    answers = {name: [] for name in methods}
+    clock = time.perf_counter
+    for start in range(0, len(xs), block):
+        for name, run in methods.items():
+            for x in xs[start:start + block]:
+                t0 = clock()
+                answers[name].append(run(x))
+                times[name].append((clock() - t0) * 1000.0)
+    out = {}
+    for name in methods:
+        t = np.asarray(times[name])
+        cls = np.array([a[0] for a in answers[name]])
+        exits = np.array([a[1] for a in answers[name]])
+        out[name] = {"mean_ms": float(t.mean()), "p50_ms": float(np.percentile(t, 50)),
+                     "p95_ms": float(np.percentile(t, 95)), "accuracy": float((cls == labels).mean()),
+                     "exit_shares": [float((exits == k).mean()) for k in range(int(exits.max()) + 1)]}
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = Parser(prog="python scripts/peer_bench.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--threads", default="1,2", help="thread counts, one fresh process each (default 1,2)")
+    ap.add_argument("--images", type=positive_int, default=10000)
+    ap.add_argument("--out", type=Path, help="record folder to write (all thread counts)")
+    ap.add_argument("--one", type=positive_int, help=argparse.SUPPRESS, default=None)  # one thread count's child
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args, argv), argv)
+
+
+def _run(args, argv) -> int:
+    if args.one:  # the child process of one thread count: JSON on stdout
+        print(json.dumps(measure(args.data, args.one, args.images)))
+        return 0
+    from erde.runtime import machine
+    from erde.runtime.errors import ErdeError
+    from erde.runtime.ownership import BENCH_TOOLS, build_folder
+
+    results = {}
+    for t in [int(v) for v in args.threads.split(",")]:
+        r = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--images", str(args.images),
+                            "--one", str(t)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ErdeError(f"the {t}-thread run failed: {r.stderr.strip()[-500:]}")
+        results[t] = json.loads(r.stdout.splitlines()[-1])
+    import onnxruntime
+    import openvino
+    import torch
+
+    lines = ["# Peers: the same student on what a user could run instead", "",
+             f"`python scripts/peer_bench.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"Machine: {machine.describe()}; onnxruntime {onnxruntime.__version__}, OpenVINO "
+             f"{openvino.__version__.split('-')[0]}, torch {torch.__version__}. Batch 1, {args.images} CIFAR-10 test "
+             "images (preprocessed once), every method on every image, interleaved rounds of 500; early exit at "
+             "each bundle's calibrated threshold. Milliseconds per image: mean (p95).", ""]
+    for t, res in results.items():
+        lines += [f"## {t} thread{'s' * (t != 1)}", "", "| method | accuracy | mean ms | p95 ms | exits |",
+                  "|---|---:|---:|---:|---|"]
+        for name, d in sorted(res.items(), key=lambda kv: kv[1]["mean_ms"]):
+            exits = " / ".join(f"{100 * s:.0f}%" for s in d["exit_shares"]) if len(d["exit_shares"]) > 1 else "-"
+            lines.append(f"| {name} | {100 * d['accuracy']:.2f}% | {d['mean_ms']:.3f} | {d['p95_ms']:.3f} | {exits} |")
+        lines.append("")
+    text = "\n".join(lines)
+
+    if args.out:
+        def build(folder: Path) -> None:
+            (folder / "README.md").write_text(text)
+            (folder / "results.json").write_text(json.dumps(results, indent=1))
+        build_folder(args.out, True, "erde-record", BENCH_TOOLS, build)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

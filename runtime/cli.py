@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
     p.add_argument("--criterion", choices=CRITERIA,
                    help="; ".join(RULES.values()))
-    p.add_argument("--static", action="store_true",
-                   help="run full.onnx, the static network, without early exits (where the latency profile says "
-                        "early exit does not pay on this machine)")
+    static = p.add_mutually_exclusive_group()
+    static.add_argument("--static", action="store_true",
+                        help="run full.onnx, the static network, without early exits (chosen by itself where the "
+                             "latency profile of this machine expects it to answer sooner at the threshold)")
+    static.add_argument("--early-exit", action="store_true",
+                        help="run early exit even where the latency profile expects full.onnx to answer sooner")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per batch (default 1)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="onnxruntime threads (default: one per physical core)")
@@ -117,6 +120,25 @@ def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[
             f"({prof.machine.describe()}; validation exit shares){full}"
             + _thread_hint(engine, threads, prof,
                            lambda p: [(p.expected_ms(row.exit_shares), ""), (p.full_ms, " --static")]))
+
+
+def static_expected_faster(engine, criterion: str, threshold: float, threads: Optional[int]) -> Optional[str]:
+    """Why full.onnx is expected to answer sooner than early exit at this threshold here (None if it is not, or
+    if no latency profile of this machine fingerprint and no calibration table say so)."""
+    from .calibrate import read_table, row_at
+    from .profile import ProfileError, find_profile
+
+    if not engine.has_full:
+        return None
+    try:
+        prof = find_profile(engine.folder, engine.manifest, threads)
+        row = row_at(read_table(engine.folder, engine.num_exits), criterion, threshold)
+    except (ProfileError, ErdeError):
+        return None
+    if row is None or not prof.full_ms or prof.full_ms > prof.expected_ms(row.exit_shares):
+        return None
+    return (f"full.onnx expected {prof.full_ms:.3f} ms here against {prof.expected_ms(row.exit_shares):.3f} ms with "
+            "early exit")
 
 
 def _thread_hint(engine, threads: Optional[int], prof, options) -> str:
@@ -189,13 +211,18 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise ErdeError(f"{engine.folder}: this model folder has no full.onnx (manifest 'full' is empty); "
                         "re-export it with erde-export, or leave --static out")
     criterion, threshold, source = engine.resolve_threshold(args.threshold, args.criterion)
-    floor = None if args.no_reject or args.static else floor_of(engine.manifest)
+    chosen = ""
+    if not (args.static or args.early_exit or args.threshold is not None or args.criterion is not None):
+        why = static_expected_faster(engine, criterion, threshold, args.threads)
+        if why:  # the latency profile of this machine says early exit does not pay here: run the static graph
+            args.static, chosen = True, f" (chosen: {why}; --early-exit runs early exit anyway)"
+    floor = None if args.no_reject else floor_of(engine.manifest)
     paths: List[Path] = [Path(p) for p in args.image]
     for folder in args.folder:
         paths.extend(list_images(folder))
     if not args.json:
         m = engine.manifest
-        rule = "static full.onnx, no early exit" if args.static else \
+        rule = f"static full.onnx, no early exit{chosen}" if args.static else \
             f"criterion {criterion}, threshold {threshold:g} ({source})"
         print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {rule}"
               + (f"; unsure below confidence {floor:.3f}" if floor is not None else ""), file=out)

@@ -246,6 +246,18 @@ def test_erde_run_says_when_full_onnx_is_expected_faster(model, capsys, tmp_path
     assert lines["0.99"].startswith("expected latency: 0.600 ms") and \
         lines["0.99"].endswith("full.onnx 0.550 ms, faster than early exit here: --static runs it")
     assert lines["--static"].startswith("expected latency: 0.550 ms per image for full.onnx")
+    # Without a given threshold, at a calibrated one where the static graph is expected sooner, erde-run runs it.
+    from erde.runtime.manifest import Calibration, load_manifest, save_manifest
+
+    save_manifest(model, dataclasses.replace(load_manifest(model), calibration=Calibration(
+        "max-prob", 0.99, "accuracy-drop", 0.5, 0.9, 100.0, TABLE_NAME)))
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit_index"] == 2
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "static full.onnx, no early exit (chosen: full.onnx expected 0.550 ms here against 0.600 ms" in head
+    assert run_main(["--model", str(model), "--image", str(img), "--threads", "1", "--early-exit"]) == 0
+    assert "threshold 0.99 (calibrated)" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_other_thread_counts_are_this_machine_and_model_only(model):

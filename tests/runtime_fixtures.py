@@ -127,6 +127,17 @@ def make_model_folder(tmp_path: Path, num_exits: int = 3, num_classes: int = 4,
     return folder
 
 
+def make_train_folder(root: Path, count: int, size: int, classes: int = 4) -> Path:
+    """``root/train/class<k>/NNN.png``: ``count`` random size x size images spread over ``classes`` classes."""
+    from PIL import Image
+
+    for i in range(count):
+        d = Path(root) / "train" / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(size, size, seed=i)).save(d / f"{i:03d}.png")
+    return Path(root)
+
+
 def random_inputs(n: int, input_size: Tuple[int, int] = (8, 8), seed: int = 1) -> np.ndarray:
     """Preprocessed-looking input [n, 3, H, W] float32."""
     return np.random.default_rng(seed).standard_normal((n, 3) + tuple(input_size)).astype(np.float32)

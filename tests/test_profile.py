@@ -18,7 +18,7 @@ from erde.runtime.engine import Engine
 from erde.runtime.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
                                   load_profiles, measure, model_sha256, other_thread_counts, save_profile)
 from erde.runtime.profile_cli import main as profile_main
-from runtime_fixtures import console_command, make_model_folder, random_image
+from runtime_fixtures import make_train_folder, console_command, make_model_folder, random_image
 
 HEAD_SCALES = (0.5, 1.0, 3.0)
 
@@ -31,12 +31,7 @@ def model(tmp_path):
 
 @pytest.fixture
 def data(tmp_path):
-    root = tmp_path / "data"
-    for i in range(48):
-        d = root / "train" / f"class{i % 4}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(random_image(32, 32, seed=i)).save(d / f"{i:03d}.png")
-    return root
+    return make_train_folder(tmp_path / "data", 48, 32)
 
 
 def _fake(engine, **changes) -> LatencyProfile:

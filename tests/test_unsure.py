@@ -13,7 +13,7 @@ from erde.runtime.cli import main as run_main
 from erde.runtime.errors import ErdeError
 from erde.runtime.manifest import load_manifest
 from erde.runtime.unsure import choose_floor, curve
-from runtime_fixtures import make_model_folder, random_image
+from runtime_fixtures import make_train_folder, make_model_folder, random_image
 
 
 def test_a_coverage_target_is_met_on_the_images_it_was_chosen_on():
@@ -32,12 +32,7 @@ def test_a_coverage_target_is_met_on_the_images_it_was_chosen_on():
 
 @pytest.fixture
 def data(tmp_path):
-    root = tmp_path / "data"
-    for i in range(80):
-        d = root / "train" / f"class{i % 4}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(random_image(8, 8, seed=i)).save(d / f"{i:03d}.png")
-    return root
+    return make_train_folder(tmp_path / "data", 80, 8)
 
 
 def test_calibrate_chooses_the_floor_on_validation_and_erde_run_says_unsure(tmp_path, data, capsys):

@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from erde.runtime import criteria
-from erde.runtime.errors import ErdeError
+from erde.runtime.core import criteria
+from erde.runtime.common.errors import ErdeError
 
 DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {
     name: c.report_thresholds for name, c in criteria.REGISTRY.items()
@@ -100,7 +100,7 @@ def summarize(s: Series, cum_macs: Sequence[int], full_macs: int) -> Row:
 
 def find_images(folder: Union[str, Path]) -> List[Path]:
     """Image files under ``folder`` (recursively), hidden ones skipped, sorted by path."""
-    from erde.runtime.preprocess import list_images
+    from erde.runtime.core.preprocess import list_images
 
     try:
         return list_images(folder, recursive=True)
@@ -112,7 +112,7 @@ def load_inputs(files: Sequence[Path], pre, max_images: int) -> Tuple[np.ndarray
     """Preprocess up to ``max_images`` files (a seeded sample across the whole folder).
 
     Returns (array [N, 3, H, W], the files used, one line per unreadable file)."""
-    from erde.runtime.preprocess import preprocess_one
+    from erde.runtime.core.preprocess import preprocess_one
 
     files = list(files)
     if len(files) > max_images:

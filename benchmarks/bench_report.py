@@ -15,8 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 
-from erde.runtime import machine
-
+from erde.runtime.common import machine
 from .bench_measure import ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Row
 from .cold_start import ColdStart
 

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def peak_rss_mb() -> Optional[float]:
 
 def erde_run_command() -> List[str]:
     script = Path(sys.executable).parent / ("erde-run.exe" if os.name == "nt" else "erde-run")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "erde.runtime.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "erde.runtime.tools.run_cli"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ round), so that a clock or temperature drift spreads over all of them; the
 PyTorch loop runs after them, so its thread pool does not compete with them.
 
 Output in ``--out``: results.csv, summary.md, plot.png (the folder swapped into place whole;
-an existing one replaced only as ``erde.runtime.ownership`` allows).
+an existing one replaced only as ``erde.runtime.common.ownership`` allows).
 Exit codes: 0 done; 2 nothing could be measured (bad option, model folder, images).
 """
 
@@ -38,11 +38,11 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, add_verify_option, run_cli
-from erde.runtime.errors import ErdeError
-from erde.runtime.files import write_atomic
-from erde.runtime.ownership import BENCH_TOOLS, build_folder, check_replaceable
-from erde.runtime.manifest import CRITERIA
+from erde.runtime.common.cli import Parser, add_verify_option, run_cli
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.files import write_atomic
+from erde.runtime.common.ownership import BENCH_TOOLS, build_folder, check_replaceable
+from erde.runtime.core.manifest import CRITERIA
 
 from .bench_measure import (DEFAULT_THRESHOLDS, ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Series,
                             _batches, _timed, accuracies, engine_series, find_images, labels_of, load_inputs,
@@ -85,8 +85,8 @@ def _thresholds(text: str) -> List[float]:
 
 def default_out(model_name: str = "model", threads: Optional[int] = None) -> Path:
     """$ERDE_CACHE/bench/edge-<model>-<cpu>-<N>t: the same wherever erde-bench runs from."""
-    from erde.runtime import machine
-    from erde.runtime.datasets import cache_dir
+    from erde.runtime.common import machine
+    from erde.runtime.common.datasets import cache_dir
 
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", machine.cpu_model()).strip("-").lower()[:40] or "cpu"
     return cache_dir() / "bench" / f"edge-{model_name}-{cpu}-{machine.effective_threads(threads)}t"
@@ -136,14 +136,14 @@ def _say(out: TextIO, text: str) -> None:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
-    from erde.runtime.cli import model_folder
-    from erde.runtime.engine import Engine
+    from erde.runtime.tools.run_cli import model_folder
+    from erde.runtime.core.engine import Engine
 
     if args.provider not in _available_providers():
         raise ErdeError(f"onnxruntime provider {args.provider!r} is not available here; available: "
                         f"{', '.join(_available_providers())}")
     files = find_images(args.images)
-    from erde.runtime.selftest import require_verified
+    from erde.runtime.core.selftest import require_verified
 
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads, providers=[args.provider])
     if not args.no_verify:
@@ -318,9 +318,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
 def _compare_series(folder: str, engine, criterion: str, reference: Tuple[float, str], args,
                     series: List[Series]):
     """Add the --compare folder's engine (at its calibrated threshold) and full.onnx to ``series``."""
-    from erde.runtime.engine import Engine
+    from erde.runtime.core.engine import Engine
 
-    from erde.runtime.selftest import require_verified
+    from erde.runtime.core.selftest import require_verified
 
     other = Engine.load(folder, threads=args.threads, providers=[args.provider])
     if not args.no_verify:

@@ -1,10 +1,10 @@
 """One ONNX graph that runs the whole early-exit model at batch 1: nested ``If`` nodes, one per early exit.
 
     inputs:  image [1,3,H,W] float32; thresholds [E-1] float32 (one per early exit); criterion: int64, the
-             position of the exit criterion in erde.runtime.criteria.CRITERIA
+             position of the exit criterion in erde.runtime.core.criteria.CRITERIA
     outputs: probs [1,K] float32 (the exit that answered); exit [1] int64 (its 0-based index)
 
-Segment k's nodes run; if its exit passes the rule (the criterion's own nodes, from erde.runtime.criteria,
+Segment k's nodes run; if its exit passes the rule (the criterion's own nodes, from erde.runtime.core.criteria,
 against thresholds[k]) the graph answers there, else the ``else`` branch runs segment k+1.
 Each branch holds its own weights (initializers inside the subgraph): with the weights in the
 main graph, onnxruntime leaves the subgraph convolutions out of its blocked (NCHWc) layout and
@@ -22,8 +22,8 @@ from typing import List, Tuple
 import onnx
 from onnx import TensorProto, helper
 
-from erde.runtime.criteria import CRITERIA, get as criteria_get
-from erde.runtime.manifest import EarlyExitGraph, Manifest
+from erde.runtime.core.criteria import CRITERIA, get as criteria_get
+from erde.runtime.core.manifest import EarlyExitGraph, Manifest
 
 FILE = "early_exit.onnx"
 

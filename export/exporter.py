@@ -3,7 +3,7 @@
     out/
       segment_0.onnx ... segment_{E-1}.onnx   one graph per exit (backbone part + exit head)
       full.onnx                                the static network, for benchmarks
-      manifest.json                            erde.runtime.manifest schema
+      manifest.json                            erde.runtime.core.manifest schema
 
 The folder is built in a temporary sibling and renamed into place only after
 every graph passed onnx.checker, the MAC cross-check and the parity check; an
@@ -22,12 +22,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import onnx
 import torch
 
-from erde.runtime.cliargs import erde_version
-from erde.runtime.errors import ErdeError
-from erde.runtime.files import UnsafePathError
-from erde.runtime.selftest import build_selftest
-from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
-from erde.runtime.manifest import (
+from erde.runtime.common.cli import erde_version
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.files import UnsafePathError
+from erde.runtime.core.selftest import build_selftest
+from erde.runtime.common.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
+from erde.runtime.core.manifest import (
     MANIFEST_NAME, FullGraph, Manifest, preprocessing_from_dict, Segment, TensorSpec, save_manifest,
 )
 from erde.training.checkpoint import load_model, read_checkpoint
@@ -79,7 +79,7 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
     """Export ``checkpoint`` into the model folder ``out``.
 
     With ``force`` an existing ``out`` is replaced only if an erde tool wrote it, unchanged and with nothing
-    added (``erde.runtime.ownership``), and it does not hold the checkpoint itself.
+    added (``erde.runtime.common.ownership``), and it does not hold the checkpoint itself.
     """
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.criteria import CRITERIA, exit_indices, get
-from erde.runtime.engine import Engine
+from erde.runtime.core.criteria import CRITERIA, exit_indices, get
+from erde.runtime.core.engine import Engine
 from erde.training.models import EarlyExitResNet
 
 PROBS_ATOL = 1e-4

@@ -34,14 +34,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from erde.runtime.calibrate import default_val_fraction, validation_files
-from erde.runtime.cliargs import Parser, positive_int, run_cli
-from erde.runtime.engine import Engine
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import Manifest, load_manifest, save_manifest
-from erde.runtime.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
-from erde.runtime.preprocess import load_image, preprocess_one
-from erde.runtime.selftest import build_selftest
+from erde.runtime.tools.calibrate import default_val_fraction, validation_files
+from erde.runtime.common.cli import Parser, positive_int, run_cli
+from erde.runtime.core.engine import Engine
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import Manifest, load_manifest, save_manifest
+from erde.runtime.common.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
+from erde.runtime.core.preprocess import load_image, preprocess_one
+from erde.runtime.core.selftest import build_selftest
 
 DEFAULT_IMAGES = 200
 #: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks:

@@ -1,7 +1,6 @@
 """ERDE runtime: torch-free early-exit inference with onnxruntime, numpy and Pillow.
 
     from erde.runtime import Engine, bundled_model
-
     engine = Engine.load(bundled_model("cifar10"))          # or any folder written by erde-export
     for p in engine.predict(["cat.png"]):
         print(p.class_name, p.confidence, p.exit_index + 1, p.latency_ms)
@@ -16,8 +15,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, List
 
-_PUBLIC = {"Engine": "engine", "Prediction": "stages", "ErdeError": "errors", "MismatchError": "selftest",
-           "verify": "selftest", "preprocess": "preprocess"}
+_PUBLIC = {"Engine": "core.engine", "Prediction": "core.stages", "ErdeError": "common.errors",
+           "MismatchError": "core.selftest", "verify": "core.selftest", "preprocess": "core.preprocess"}
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
 
 __all__ = sorted(_PUBLIC) + ["bundled_model", "bundled_models"]
@@ -32,7 +31,7 @@ def bundled_models() -> List[str]:
 
 def bundled_model(name: str = "cifar10") -> Path:
     """The folder of a bundled model, by name; ErdeError naming the bundled ones if there is no such model."""
-    from .errors import ErdeError
+    from .common.errors import ErdeError
 
     if name not in bundled_models():
         raise ErdeError(f"no bundled model {name!r}; bundled: {', '.join(bundled_models()) or 'none'}")

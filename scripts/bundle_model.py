@@ -25,12 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from erde.runtime.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, calibrate
-from erde.runtime.cliargs import Parser, finite_number, positive_int, run_cli
-from erde.runtime.criteria import sweep
-from erde.runtime.errors import ErdeError
-from erde.runtime.ownership import MODEL_TOOLS, build_folder
-from erde.runtime.manifest import load_manifest, save_manifest
+from erde.runtime.tools.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, calibrate
+from erde.runtime.common.cli import Parser, finite_number, positive_int, run_cli
+from erde.runtime.core.criteria import sweep
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.ownership import MODEL_TOOLS, build_folder
+from erde.runtime.core.manifest import load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
@@ -62,10 +62,10 @@ def draw_samples(folder: Path) -> None:
 
 def test_split_metrics(model_dir: Path, data: Path, criterion: str, threshold: float, threads: int) -> dict:
     """Test-split accuracy per exit and at the threshold, its MACs and (with a profile) its expected latency."""
-    from erde.runtime.calibrate import validation_probs
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.engine import Engine
-    from erde.runtime.profile import ProfileError, find_profile
+    from erde.runtime.tools.calibrate import validation_probs
+    from erde.runtime.common.datasets import image_folder_split
+    from erde.runtime.core.engine import Engine
+    from erde.runtime.tools.profile import ProfileError, find_profile
 
     test = image_folder_split(data, "test")
     engine = Engine.load(model_dir, threads=threads)
@@ -91,7 +91,7 @@ def measure_profiles(folder: Path, threads: Sequence[int]) -> None:
     import subprocess
 
     for t in threads:
-        r = subprocess.run([sys.executable, "-m", "erde.runtime.profile_cli", str(folder), "--threads", str(t)],
+        r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", str(folder), "--threads", str(t)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise ErdeError(f"erde-profile {folder} --threads {t} failed: {r.stderr.strip()}")

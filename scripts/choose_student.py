@@ -34,15 +34,15 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from erde.export.exporter import export_checkpoint, sha256_file
-from erde.runtime import calibrate as cal
-from erde.runtime import machine
-from erde.runtime.datasets import image_folder_split
-from erde.runtime.engine import Engine
+from erde.runtime.tools import calibrate as cal
+from erde.runtime.common import machine
+from erde.runtime.common.datasets import image_folder_split
+from erde.runtime.core.engine import Engine
 from erde.benchmarks.bench_report import figure_png
-from erde.runtime.files import write_atomic
-from erde.runtime.manifest import load_manifest
-from erde.runtime.sessions import session_options
-from erde.runtime.profile import ProfileError, find_profile, measure, save_profile
+from erde.runtime.common.files import write_atomic
+from erde.runtime.core.manifest import load_manifest
+from erde.runtime.core.sessions import session_options
+from erde.runtime.tools.profile import ProfileError, find_profile, measure, save_profile
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,10 +34,10 @@ import numpy as np
 from study_checkpoints import CommittedCheckpoints, defining_args, sha256
 from study_eval import REPO, THRESHOLDS, evaluate, git_commit, latency_profile, load_test_split, machine
 from study_report import write_report
-from erde.runtime.cliargs import Parser, positive_int, run_cli
-from erde.runtime.datasets import cache_dir
-from erde.runtime.errors import ErdeError
-from erde.runtime.files import write_json_atomic
+from erde.runtime.common.cli import Parser, positive_int, run_cli
+from erde.runtime.common.datasets import cache_dir
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.files import write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ fi
 failed=()
 for m in cifar10 cifar10-int8; do
   t0=$(now)
-  if out=$(ERDE_CACHE="$tmp/erde-cache" guest -m erde.runtime.verify_cli "$root/runtime/models/$m" --threads 1 2>&1)
+  if out=$(ERDE_CACHE="$tmp/erde-cache" guest -m erde.runtime.tools.verify_cli "$root/runtime/models/$m" --threads 1 2>&1)
   then verdict=passed; else verdict=FAILED; failed+=("$m"); fi
   checks=$(grep -E '^  (✓|✗) ' <<< "$out" | sed -E 's/^  //; s/ \((at least|at most) [^)]*\)$//' | paste -sd ';' - |
            sed 's/;/; /g' || true)

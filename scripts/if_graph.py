@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from erde.export.early_exit_graph import write_early_exit_graph
-from erde.runtime.engine import Engine
-from erde.runtime.manifest import load_manifest, save_manifest
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.manifest import load_manifest, save_manifest
 
 
 def _time(fn, calls: int) -> float:

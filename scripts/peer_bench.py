@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, positive_int, run_cli
+from erde.runtime.common.cli import Parser, positive_int, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
@@ -34,7 +34,6 @@ Method = Callable[[np.ndarray], Tuple[int, int]]  # image [1,3,H,W] -> (class, e
 
 def ort_methods(threads: int) -> Dict[str, Method]:
     from erde.runtime import Engine, bundled_model
-
     out: Dict[str, Method] = {}
     for name, tag in (("cifar10", "fp32"), ("cifar10-int8", "int8")):
         e = Engine.load(bundled_model(name), threads=threads)
@@ -51,8 +50,9 @@ def ort_methods(threads: int) -> Dict[str, Method]:
 def openvino_methods(threads: int) -> Dict[str, Method]:
     import openvino as ov
 
-    from erde.runtime import bundled_model, criteria
-    from erde.runtime.manifest import load_manifest
+    from erde.runtime import bundled_model
+    from erde.runtime.core import criteria
+    from erde.runtime.core.manifest import load_manifest
 
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads),
@@ -92,8 +92,9 @@ def torch_methods(threads: int) -> Dict[str, Method]:
     import torch
 
     from erde.export.segments import FullPath
-    from erde.runtime import bundled_model, criteria
-    from erde.runtime.manifest import load_manifest
+    from erde.runtime import bundled_model
+    from erde.runtime.core import criteria
+    from erde.runtime.core.manifest import load_manifest
     from erde.training.checkpoint import load_model
 
     torch.set_num_threads(threads)
@@ -122,9 +123,9 @@ def torch_methods(threads: int) -> Dict[str, Method]:
 def measure(data: Path, threads: int, images: int, block: int = 500) -> dict:
     """Every method on every image, in interleaved rounds of ``block`` images; this process's one thread count."""
     from erde.runtime import bundled_model
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.manifest import load_manifest
-    from erde.runtime.preprocess import preprocess_one
+    from erde.runtime.common.datasets import image_folder_split
+    from erde.runtime.core.manifest import load_manifest
+    from erde.runtime.core.preprocess import preprocess_one
 
     test = image_folder_split(data, "test")
     pick = np.linspace(0, len(test.files) - 1, min(images, len(test.files))).round().astype(int)
@@ -171,9 +172,9 @@ def _run(args, argv) -> int:
     if args.one:  # the child process of one thread count: JSON on stdout
         print(json.dumps(measure(args.data, args.one, args.images)))
         return 0
-    from erde.runtime import machine
-    from erde.runtime.errors import ErdeError
-    from erde.runtime.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime.common import machine
+    from erde.runtime.common.errors import ErdeError
+    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
 
     results = {}
     for t in [int(v) for v in args.threads.split(",")]:

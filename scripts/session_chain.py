@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, positive_int, run_cli
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import load_manifest
+from erde.runtime.common.cli import Parser, positive_int, run_cli
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import load_manifest
 
 POLICIES = ("global", "no-spin", "spin")
 

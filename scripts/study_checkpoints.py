@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from erde.export.exporter import sha256_file as sha256
-from erde.runtime.files import write_json_atomic
+from erde.runtime.common.files import write_json_atomic
 
 INDEX = "checkpoints.json"
 # train_args that define a run; data and teacher are paths of the machine that trained it.

@@ -16,9 +16,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from erde.runtime.criteria import exit_indices, sweep
-from erde.runtime.errors import ErdeError
-from erde.runtime.files import write_json_atomic
+from erde.runtime.core.criteria import exit_indices, sweep
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = {
@@ -29,8 +29,8 @@ THRESHOLDS = {
 
 def test_split_exit_probs(model_dir: Path, images: List[Path], threads: int) -> np.ndarray:
     """Every exit's probabilities [E,N,K] on the test images, computed by ONNX Runtime segment graphs."""
-    from erde.runtime.engine import Engine
-    from erde.runtime.preprocess import preprocess
+    from erde.runtime.core.engine import Engine
+    from erde.runtime.core.preprocess import preprocess
 
     engine = Engine.load(model_dir, threads=threads)
     pre = engine.manifest.preprocessing
@@ -54,14 +54,14 @@ def latency_profile(model_dir: Path, threads: int, calls: int = 1000):
     in a fresh process: one process holds one onnxruntime pool size) and stored."""
     import sys
 
-    from erde.runtime.manifest import load_manifest
-    from erde.runtime.profile import ProfileError, find_profile
+    from erde.runtime.core.manifest import load_manifest
+    from erde.runtime.tools.profile import ProfileError, find_profile
 
     try:
         return find_profile(model_dir, load_manifest(model_dir), threads)
     except ProfileError:
         pass
-    r = subprocess.run([sys.executable, "-m", "erde.runtime.profile_cli", str(model_dir), "--threads", str(threads),
+    r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", str(model_dir), "--threads", str(threads),
                         "--calls", str(calls)], capture_output=True, text=True)
     if r.returncode != 0:
         raise ErdeError(f"erde-profile {model_dir} --threads {threads} failed: {r.stderr.strip()}")
@@ -73,7 +73,7 @@ def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], ca
     """Exit accuracies and the threshold sweeps on the test split; with a latency profile, milliseconds too."""
     if cache.exists():
         return json.loads(cache.read_text())
-    from erde.runtime.manifest import load_manifest
+    from erde.runtime.core.manifest import load_manifest
 
     images, labels = test
     probs = test_split_exit_probs(model_dir, images, threads)
@@ -97,7 +97,7 @@ def evaluate(model_dir: Path, name: str, test: Tuple[List[Path], np.ndarray], ca
 
 def load_test_split(data: Path) -> Tuple[List[Path], np.ndarray, List[str]]:
     """The test split of an image folder: files, labels and class names (``datasets.image_folder_split``)."""
-    from erde.runtime.datasets import image_folder_split
+    from erde.runtime.common.datasets import image_folder_split
 
     test = image_folder_split(data, "test")
     return list(test.files), test.labels, list(test.class_names)

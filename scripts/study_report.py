@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from erde.benchmarks.bench_report import figure_png
-from erde.runtime.files import write_atomic
+from erde.runtime.common.files import write_atomic
 
 POINTS_CSV = "points.csv"
 EXITS_CSV = "exits.csv"

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, run_cli
+from erde.runtime.common.cli import Parser, run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,11 +28,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from erde.runtime import criteria
-    from erde.runtime.calibrate import validation_probs
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.engine import Engine
-    from erde.runtime.machine import describe
+    from erde.runtime.core import criteria
+    from erde.runtime.tools.calibrate import validation_probs
+    from erde.runtime.common.datasets import image_folder_split
+    from erde.runtime.core.engine import Engine
+    from erde.runtime.common.machine import describe
 
     engine = Engine.load(args.model_dir, threads=1)
     crit, threshold, source = engine.resolve_threshold()
@@ -46,7 +46,7 @@ def _run(args) -> int:
            "accuracy_per_exit": [float((p.argmax(1) == test.labels).mean()) for p in probs],
            "exit_shares": [float((exits == k).mean()) for k in range(engine.num_exits)]}
     if engine.has_full:
-        from erde.runtime.preprocess import preprocess_one
+        from erde.runtime.core.preprocess import preprocess_one
 
         full = np.concatenate([engine.run_full(np.stack([preprocess_one(f, engine.manifest.preprocessing)
                                                           for f in test.files[i:i + 256]]))

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from erde.runtime.cliargs import Parser, run_cli
+from erde.runtime.common.cli import Parser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
@@ -37,14 +37,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, argv) -> int:
-    from erde.runtime import bundled_model, machine
-    from erde.runtime.calibrate import default_val_fraction, validation_files, validation_probs
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.engine import Engine
-    from erde.runtime.errors import ErdeError
-    from erde.runtime.ownership import BENCH_TOOLS, build_folder
-    from erde.runtime.preprocess import preprocess
-    from erde.runtime.unsure import answers, curve
+    from erde.runtime import bundled_model
+    from erde.runtime.common import machine
+    from erde.runtime.tools.calibrate import default_val_fraction, validation_files, validation_probs
+    from erde.runtime.common.datasets import image_folder_split
+    from erde.runtime.core.engine import Engine
+    from erde.runtime.common.errors import ErdeError
+    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime.core.preprocess import preprocess
+    from erde.runtime.core.unsure import answers, curve
 
     models = args.model or [bundled_model("cifar10"), bundled_model("cifar10-int8")]
     with np.load(args.photos, allow_pickle=False) as z:

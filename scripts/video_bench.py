@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from erde.runtime.cliargs import Parser, positive_int, run_cli
+from erde.runtime.common.cli import Parser, positive_int, run_cli
 
 SIZES = ((320, 240), (640, 480))
 MODELS = ("cifar10", "cifar10-int8")
@@ -46,10 +46,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, argv) -> int:
-    from erde.runtime import bundled_model, machine
-    from erde.runtime.datasets import image_folder_split
-    from erde.runtime.errors import ErdeError
-    from erde.runtime.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime import bundled_model
+    from erde.runtime.common import machine
+    from erde.runtime.common.datasets import image_folder_split
+    from erde.runtime.common.errors import ErdeError
+    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
 
     test = image_folder_split(args.data, "test")
     files = test.files[:: max(1, len(test.files) // args.frames)][: args.frames]
@@ -61,7 +62,7 @@ def _run(args, argv) -> int:
         for _ in range(args.rounds):
             for s, path in videos.items():
                 for m in MODELS:
-                    cmd = [sys.executable, "-m", "erde.runtime.cli", "--model", str(bundled_model(m)), "--video",
+                    cmd = [sys.executable, "-m", "erde.runtime.tools.run_cli", "--model", str(bundled_model(m)), "--video",
                            str(path), "--json", "--every", str(10 ** 9), "--threads", str(args.threads)]
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     if r.returncode != 0:

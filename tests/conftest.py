@@ -16,8 +16,7 @@ from training_fixtures import make_image_folder, train_cli
 def per_session_pools():
     """In-process tests use per-session pools: onnxruntime's global pool, once made, would force every later
     session of this pytest process onto it. The default policy is tested in a subprocess (test_engine.py)."""
-    from erde.runtime import sessions
-
+    from erde.runtime.core import sessions
     old, sessions.SHARED_POOL_DEFAULT = sessions.SHARED_POOL_DEFAULT, False
     yield
     sessions.SHARED_POOL_DEFAULT = old

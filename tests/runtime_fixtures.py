@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from erde.runtime.manifest import (
+from erde.runtime.core.manifest import (
     Calibration, FullGraph, Manifest, Preprocessing, Segment, TensorSpec, save_manifest,
 )
 
@@ -121,7 +121,7 @@ def make_model_folder(tmp_path: Path, num_exits: int = 3, num_classes: int = 4,
     )
     save_manifest(folder, manifest)
     if with_selftest:
-        from erde.runtime.selftest import build_selftest
+        from erde.runtime.core.selftest import build_selftest
 
         build_selftest(folder, count=16)
     return folder

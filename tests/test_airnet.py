@@ -68,14 +68,14 @@ def test_the_16_channel_stem_keeps_the_leading_eigenvectors():
 
 @pytest.mark.parametrize("channels", [0, 7, 26])
 def test_bad_whiten_channels_are_refused(channels):
-    from erde.runtime.errors import ErdeError
+    from erde.runtime.common.errors import ErdeError
 
     with pytest.raises(ErdeError, match="whiten_channels"):
         build_model(dataclasses.replace(model_config("air32w_ee"), whiten_channels=channels))
 
 
 def test_exits_are_checked():
-    from erde.runtime.errors import ErdeError
+    from erde.runtime.common.errors import ErdeError
 
     with pytest.raises(ErdeError, match="exits"):
         model_config("air32_ee", exit_after=(2,))

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from erde.runtime.binding import BoundChain, PlainChain, bind_chain, run_until
-from erde.runtime.engine import Engine
-from erde.runtime.stages import _Stage
+from erde.runtime.core.binding import BoundChain, PlainChain, bind_chain, run_until
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.stages import _Stage
 from runtime_fixtures import make_model_folder, random_inputs
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import bundle_model
-from erde.runtime.engine import Engine
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import load_manifest
+from erde.runtime.core.engine import Engine
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import load_manifest
 from runtime_fixtures import console_command, torch_blocked_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,7 @@ def test_needs_the_study_first(tmp_path, capsys):
 
 def test_the_student_is_exported_in_another_process(tiny_student, tmp_path):
     """The export's parity check must not fix this process's thread pool before calibration runs here."""
-    from erde.runtime import sessions
-
+    from erde.runtime.core import sessions
     before = sessions._global_pool_active
     bundle_model.export_student(tiny_student, tmp_path / "out")
     assert load_manifest(tmp_path / "out").segments
@@ -78,7 +77,7 @@ def test_every_bundled_file_is_package_data():
 
 
 def test_erde_run_uses_the_bundled_model_without_torch(tmp_path):
-    proc = subprocess.run(console_command("erde-run", "erde.runtime.cli")
+    proc = subprocess.run(console_command("erde-run", "erde.runtime.tools.run_cli")
                           + ["--image", str(bundle_model.SAMPLES / "airplane.png"), "--threads", "1"],
                           capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erde.runtime import calibrate as cal_mod
-from erde.runtime import cli as run_cli
-from erde.runtime.calibrate import ThresholdRow, choose, threshold_grid
-from erde.runtime.errors import ErdeError
-from erde.runtime.calibrate_cli import main
-from erde.runtime.datasets import DataError, image_folder_split, list_image_folder, split_indices
-from erde.runtime.engine import Engine
-from erde.runtime.manifest import load_manifest
-from erde.runtime.preprocess import preprocess
+from erde.runtime.tools import calibrate as cal_mod
+from erde.runtime.tools import run_cli
+from erde.runtime.tools.calibrate import ThresholdRow, choose, threshold_grid
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.tools.calibrate_cli import main
+from erde.runtime.common.datasets import DataError, image_folder_split, list_image_folder, split_indices
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.manifest import load_manifest
+from erde.runtime.core.preprocess import preprocess
 from runtime_fixtures import console_command, torch_blocked_env, make_model_folder, random_image
 
 
@@ -308,7 +308,7 @@ def test_calibrated_folder_end_to_end_with_erde_run(capsys, model, data):
 
 def test_console_script_without_torch(tmp_path, model, data):
     env = torch_blocked_env(tmp_path)
-    cmd = console_command("erde-calibrate", "erde.runtime.calibrate_cli")
+    cmd = console_command("erde-calibrate", "erde.runtime.tools.calibrate_cli")
     proc = subprocess.run(cmd + [str(model), "--data", str(data), "--val-fraction", "0.5", "--threads", "1",
                                  "--criterion", "max-prob", "--json"],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -336,7 +336,7 @@ def test_engine_exit_probs_and_all_segments(base_model):
 
 
 def test_failed_manifest_write_leaves_the_old_manifest(capsys, model, data, monkeypatch):
-    import erde.runtime.files as files_mod
+    import erde.runtime.common.files as files_mod
 
     before = (model / "manifest.json").read_bytes()
     real_replace = files_mod.os.replace

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from erde.runtime.manifest import load_manifest
+from erde.runtime.core.manifest import load_manifest
 
 import choose_student
 

@@ -46,7 +46,7 @@ def test_bad_data_is_one_error_line(tmp_path, capsys):
 def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
     import torch
 
-    from erde.runtime.errors import ErdeError
+    from erde.runtime.common.errors import ErdeError
 
     step = study.Step("teacher", "resnet32_ee", 10, 0, "sgd")
     ckpt = tmp_path / "teacher.pt"
@@ -121,8 +121,8 @@ def test_the_whole_study_then_a_fresh_work_folder_reuses_the_committed_checkpoin
 
 def _fake_profile(model_dir):
     """A made-up latency profile (timing is not what this test checks): 1 ms per segment."""
-    from erde.runtime.manifest import load_manifest
-    from erde.runtime.profile import LatencyProfile, MachineKey, model_sha256
+    from erde.runtime.core.manifest import load_manifest
+    from erde.runtime.tools.profile import LatencyProfile, MachineKey, model_sha256
 
     m = load_manifest(model_dir)
     return LatencyProfile(MachineKey("test cpu", 2, 1, "0"), model_sha256(m), tuple(1.0 for _ in m.segments),

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from erde.runtime.criteria import exit_indices, sweep
+from erde.runtime.core.criteria import exit_indices, sweep
 
 
 def _probs(confidence):
@@ -44,7 +44,7 @@ def test_every_criterion_has_one_rule_in_numpy_floats_and_onnx():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from erde.runtime.criteria import CRITERIA, get
+    from erde.runtime.core.criteria import CRITERIA, get
 
     rng = np.random.default_rng(0)
     probs = np.concatenate([rng.dirichlet(np.full(10, a), 200) for a in (0.1, 1.0, 10.0)]).astype(np.float32)

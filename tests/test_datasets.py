@@ -1,7 +1,7 @@
-"""runtime/datasets.py: the torch-free pieces shared by training and calibration (the split itself is
+"""runtime/common/datasets.py: the torch-free pieces shared by training and calibration (the split itself is
 tested against training in test_calibrate.py)."""
 
-from erde.runtime.datasets import cache_dir
+from erde.runtime.common.datasets import cache_dir
 
 
 def test_cache_dir_follows_erde_cache(monkeypatch, tmp_path):

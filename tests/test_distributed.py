@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 from erde.training import data as data_mod
 from erde.training import distributed
 from erde.training.checkpoint import read_checkpoint

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 
 from erde.export.early_exit_graph import FILE
-from erde.runtime.engine import Engine
+from erde.runtime.core.engine import Engine
 
 
 def test_every_branch_holds_its_own_weights(exported):
@@ -32,8 +32,8 @@ def test_forced_exits_and_thresholds_per_exit(exported):
 
 
 def test_every_criterion_leaves_where_the_chain_does(exported):
-    """The single graph's nodes for each registered criterion (erde.runtime.criteria) decide as numpy does."""
-    from erde.runtime.criteria import CRITERIA, exit_indices, get
+    """The single graph's nodes for each registered criterion (erde.runtime.core.criteria) decide as numpy does."""
+    from erde.runtime.core.criteria import CRITERIA, exit_indices, get
 
     out, _ = exported
     eng = Engine.load(out, threads=1)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from erde.benchmarks import edge_bench
 from erde.benchmarks.edge_bench import main
-from erde.runtime.manifest import Calibration
+from erde.runtime.core.manifest import Calibration
 from runtime_fixtures import make_model_folder, random_image
 
 HEAD_SCALES = (0.5, 1.0, 3.0)  # early exits less sure than the last, so thresholds matter
@@ -151,8 +151,7 @@ def test_unreadable_images_are_skipped_or_fatal(capsys, model, images, tmp_path)
 
 
 def test_model_dir_defaults_to_the_bundled_model(capsys, monkeypatch, model, images, tmp_path):
-    from erde.runtime import cli
-
+    from erde.runtime.tools import run_cli as cli
     monkeypatch.setattr(cli, "BUNDLED_MODEL", model)
     rc, out, err = run(capsys, "--images", images, "--out", tmp_path / "out", "--cold-starts", "0", "--no-plot", *FAST)
     assert rc == 0, err

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.runtime.criteria import exit_indices
+from erde.runtime.core.criteria import exit_indices
 from erde.training.checkpoint import load_model, read_checkpoint
 
 pytestmark = pytest.mark.slow

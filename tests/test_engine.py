@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erde.runtime.engine import Engine, Prediction, exit_mask
-from erde.runtime.sessions import make_session, session_options
-from erde.runtime.errors import ErdeError, ManifestError, ModelFolderError
-from erde.runtime.manifest import Calibration
+from erde.runtime.core.engine import Engine, Prediction, exit_mask
+from erde.runtime.core.sessions import make_session, session_options
+from erde.runtime.common.errors import ErdeError, ManifestError, ModelFolderError
+from erde.runtime.core.manifest import Calibration
 from runtime_fixtures import make_model_folder, random_image, random_inputs
 
 TESTS = Path(__file__).resolve().parent
@@ -298,9 +298,9 @@ def test_global_pool_in_fresh_process(folder):
     code = textwrap.dedent(f"""
         import sys
         import onnxruntime as ort
-        from erde.runtime.engine import Engine
-        from erde.runtime.sessions import session_options
-        from erde.runtime.errors import ErdeError
+        from erde.runtime.core.engine import Engine
+        from erde.runtime.core.sessions import session_options
+        from erde.runtime.common.errors import ErdeError
         from runtime_fixtures import random_inputs
         assert hasattr(ort, "set_global_thread_pool_sizes")
         a = Engine.load({str(folder)!r}, threads=1)

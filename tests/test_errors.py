@@ -1,10 +1,10 @@
-"""runtime/errors.py: the exit codes are defined once, and the reference's table says the same."""
+"""runtime/common/errors.py: the exit codes are defined once, and the reference's table says the same."""
 
 import re
 from pathlib import Path
 
-from erde.runtime import errors
-from erde.runtime.selftest import MismatchError
+from erde.runtime.common import errors
+from erde.runtime.core.selftest import MismatchError
 
 
 def test_the_reference_lists_exactly_the_exit_codes_in_code():

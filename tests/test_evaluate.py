@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from erde.runtime.criteria import sweep
+from erde.runtime.core.criteria import sweep
 from erde.training.evaluate import dead_exits, per_exit_accuracy
 from erde.training.models import build_model, model_config
 

@@ -8,8 +8,8 @@ import torch
 
 from erde.export import exporter
 from erde.export.exporter import ExportError, export_checkpoint, sha256_file
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import load_manifest
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import load_manifest
 from erde.training.checkpoint import CheckpointError, read_checkpoint
 
 
@@ -118,7 +118,7 @@ def test_bad_checkpoints(tiny_student, tmp_path):
 
 
 def test_an_exit_that_does_not_pay_can_be_dropped_at_export(tiny_student, tmp_path):
-    from erde.runtime.engine import Engine
+    from erde.runtime.core.engine import Engine
     from erde.training.checkpoint import read_checkpoint
 
     trained = read_checkpoint(tiny_student)["model_args"]["exit_after"]
@@ -131,7 +131,7 @@ def test_an_exit_that_does_not_pay_can_be_dropped_at_export(tiny_student, tmp_pa
 
 def test_the_single_graph_gives_the_chains_answers(exported):
     """early_exit.onnx (batch 1) and the segment chain take the same exit with the same confidence."""
-    from erde.runtime.engine import Engine
+    from erde.runtime.core.engine import Engine
 
     out, _ = exported
     eng = Engine.load(out, threads=1)

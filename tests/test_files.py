@@ -1,10 +1,10 @@
-"""runtime/files.py: regular files only, capped reads, atomic writes."""
+"""runtime/common/files.py: regular files only, capped reads, atomic writes."""
 
 import os
 
 import pytest
 
-from erde.runtime.files import UnsafePathError, check_regular, json_depth_ok, read_capped, write_atomic
+from erde.runtime.common.files import UnsafePathError, check_regular, json_depth_ok, read_capped, write_atomic
 
 
 def test_read_capped_refuses_fifos_devices_links_out_and_big_files(tmp_path):

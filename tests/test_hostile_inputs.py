@@ -16,14 +16,14 @@ from PIL import Image
 from runtime_fixtures import console_command, make_model_folder, random_image
 
 SCRIPTS = {
-    "erde-run": "erde.runtime.cli",
-    "erde-calibrate": "erde.runtime.calibrate_cli",
+    "erde-run": "erde.runtime.tools.run_cli",
+    "erde-calibrate": "erde.runtime.tools.calibrate_cli",
     "erde-bench": "erde.benchmarks.edge_bench",
     "erde-train": "erde.training",
     "erde-export": "erde.export.cli",
-    "erde-profile": "erde.runtime.profile_cli",
+    "erde-profile": "erde.runtime.tools.profile_cli",
     "erde-quantize": "erde.export.quantize",
-    "erde-verify": "erde.runtime.verify_cli",
+    "erde-verify": "erde.runtime.tools.verify_cli",
 }
 
 
@@ -253,7 +253,7 @@ def test_a_non_finite_learning_rate_is_refused_before_training(lr, tmp_path):
 
 
 def _peak_rss_mb(args) -> float:
-    code = ("import resource, sys; from erde.runtime.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import resource, sys; from erde.runtime.tools.run_cli import main; rc = main(sys.argv[1:]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True, text=True,
                        timeout=300)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 from erde.training.losses import LossConfig, entropy_per_sample, exit_losses, kd_per_sample, teacher_right
 
 

@@ -1,10 +1,8 @@
-"""runtime/machine.py: the facts records carry."""
+"""runtime/common/machine.py: the facts records carry."""
 
 import socket
 
-from erde.runtime import machine
-
-
+from erde.runtime.common import machine
 def test_facts_name_the_cpu_and_never_the_host():
     assert machine.cpu_model() and machine.usable_cores() >= 1
     assert machine.effective_threads(None) == machine.usable_cores() and machine.effective_threads(3) == 3

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from erde.runtime.errors import ManifestError
-from erde.runtime.manifest import (
+from erde.runtime.common.errors import ManifestError
+from erde.runtime.core.manifest import (
     SCHEMA_VERSION, Calibration, load_manifest, manifest_from_dict, save_manifest,
 )
 from runtime_fixtures import make_model_folder

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 from erde.training.models import ModelConfig, build_model, default_exits, list_archs, model_config
 
 

@@ -1,7 +1,7 @@
 import onnx
 
 from erde.export.onnx_macs import onnx_macs
-from erde.runtime.manifest import load_manifest
+from erde.runtime.core.manifest import load_manifest
 
 
 def test_fvcore_and_onnx_counts_agree_within_one_percent(exported):

@@ -1,4 +1,4 @@
-"""runtime/ownership.py: a folder is replaced only when every file in it is one erde wrote, unchanged."""
+"""runtime/common/ownership.py: a folder is replaced only when every file in it is one erde wrote, unchanged."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from erde.runtime.files import UnsafePathError
-from erde.runtime.ownership import (OWNER_NAME, build_folder, check_replaceable, clean_stale_temps, may_update,
+from erde.runtime.common.files import UnsafePathError
+from erde.runtime.common.ownership import (OWNER_NAME, build_folder, check_replaceable, clean_stale_temps, may_update,
                                     new_temp_dir, read_record, record_files)
 
 TOOLS = ("erde-export",)
@@ -114,7 +114,7 @@ def test_a_killed_runs_temporary_folder_goes_on_any_later_run(tmp_path):
     """A process dies (kill -9) with its temporary folder in one place; a run to another --out removes it."""
     first = tmp_path / "a" / "model"
     first.parent.mkdir()
-    code = ("import os, pathlib; from erde.runtime.ownership import new_temp_dir; "
+    code = ("import os, pathlib; from erde.runtime.common.ownership import new_temp_dir; "
             f"t = new_temp_dir(pathlib.Path({str(first)!r})); (t / 'half.onnx').write_bytes(b'x'); os._exit(9)")
     subprocess.run([sys.executable, "-c", code], env=dict(os.environ), check=False)
     left = [p for p in first.parent.iterdir() if ".erde-tmp-" in p.name]

@@ -36,8 +36,8 @@ def test_export_after_engine_load_in_one_process(tiny_student, tmp_path):
     import textwrap
 
     code = textwrap.dedent(f"""
-        from erde.runtime.cli import BUNDLED_MODEL
-        from erde.runtime.engine import Engine
+        from erde.runtime.tools.run_cli import BUNDLED_MODEL
+        from erde.runtime.core.engine import Engine
         from erde.export.exporter import export_checkpoint
         Engine.load(BUNDLED_MODEL, threads=1)  # the process's global pool now exists
         lines = []

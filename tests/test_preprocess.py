@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from erde.runtime import preprocess as pp
-from erde.runtime.errors import ImageError
-from erde.runtime.manifest import Preprocessing
-from erde.runtime.preprocess import list_images, load_image, preprocess, preprocess_one, resize, to_rgb
+from erde.runtime.core import preprocess as pp
+from erde.runtime.common.errors import ImageError
+from erde.runtime.core.manifest import Preprocessing
+from erde.runtime.core.preprocess import list_images, load_image, preprocess, preprocess_one, resize, to_rgb
 
 PRE = Preprocessing((8, 8), (0.5, 0.4, 0.3), (0.25, 0.2, 0.1))
 

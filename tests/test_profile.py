@@ -1,4 +1,4 @@
-"""Latency profiles (runtime/profile.py, erde-profile) and calibration in milliseconds."""
+"""Latency profiles (runtime/tools/profile.py, erde-profile) and calibration in milliseconds."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erde.runtime.calibrate import choose, latency_cost, threshold_table
-from erde.runtime.calibrate_cli import main as calibrate_main
-from erde.runtime.cli import main as run_main
-from erde.runtime.engine import Engine
-from erde.runtime.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
+from erde.runtime.tools.calibrate import choose, latency_cost, threshold_table
+from erde.runtime.tools.calibrate_cli import main as calibrate_main
+from erde.runtime.tools.run_cli import main as run_main
+from erde.runtime.core.engine import Engine
+from erde.runtime.tools.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
                                   load_profiles, measure, model_sha256, other_thread_counts, save_profile)
-from erde.runtime.profile_cli import main as profile_main
+from erde.runtime.tools.profile_cli import main as profile_main
 from runtime_fixtures import make_train_folder, console_command, make_model_folder, random_image
 
 HEAD_SCALES = (0.5, 1.0, 3.0)
@@ -93,7 +93,7 @@ def test_an_old_profile_without_flags_matches_no_machine(model):
 
 
 def test_a_folder_that_cannot_be_written_keeps_its_profile_per_user(model, monkeypatch, tmp_path):
-    import erde.runtime.profile as profile_mod
+    import erde.runtime.tools.profile as profile_mod
 
     monkeypatch.setenv("ERDE_CACHE", str(tmp_path / "cache"))  # this test's own per-user folder
 
@@ -216,13 +216,13 @@ def test_calibrate_in_milliseconds(model, data, capsys):
 
 
 def test_erde_profile_console_script_bad_model(tmp_path):
-    r = subprocess.run(console_command("erde-profile", "erde.runtime.profile_cli") + [str(tmp_path / "nope")],
+    r = subprocess.run(console_command("erde-profile", "erde.runtime.tools.profile_cli") + [str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
 
 
 def test_erde_run_says_when_full_onnx_is_expected_faster(model, capsys, tmp_path):
-    from erde.runtime.calibrate import TABLE_NAME, ThresholdRow, table_csv
+    from erde.runtime.tools.calibrate import TABLE_NAME, ThresholdRow, table_csv
 
     engine = Engine.load(model, threads=1)
     save_profile(model, _fake(engine))  # cumulative 0.1 / 0.3 / 0.6 ms; full.onnx 0.55 ms
@@ -242,7 +242,7 @@ def test_erde_run_says_when_full_onnx_is_expected_faster(model, capsys, tmp_path
         lines["0.99"].endswith("full.onnx 0.550 ms, faster than early exit here: --static runs it")
     assert lines["--static"].startswith("expected latency: 0.550 ms per image for full.onnx")
     # Without a given threshold, at a calibrated one where the static graph is expected sooner, erde-run runs it.
-    from erde.runtime.manifest import Calibration, load_manifest, save_manifest
+    from erde.runtime.core.manifest import Calibration, load_manifest, save_manifest
 
     save_manifest(model, dataclasses.replace(load_manifest(model), calibration=Calibration(
         "max-prob", 0.99, "accuracy-drop", 0.5, 0.9, 100.0, TABLE_NAME)))
@@ -268,7 +268,7 @@ def test_other_thread_counts_are_this_machine_and_model_only(model):
 
 
 def test_erde_run_names_a_faster_thread_count(model, capsys, tmp_path):
-    from erde.runtime.calibrate import TABLE_NAME, ThresholdRow, table_csv
+    from erde.runtime.tools.calibrate import TABLE_NAME, ThresholdRow, table_csv
 
     engine = Engine.load(model, threads=1)
     two = dataclasses.replace(MachineKey.here(1), threads=2)

@@ -1,10 +1,8 @@
-"""runtime/progress.py: long steps show a count on a terminal and leave one line; quick ones print nothing."""
+"""runtime/common/progress.py: long steps show a count on a terminal and leave one line; quick ones print nothing."""
 
 import io
 
-from erde.runtime import progress
-
-
+from erde.runtime.common import progress
 class Terminal(io.StringIO):
     def isatty(self):
         return True

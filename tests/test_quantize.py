@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from erde.export.quantize import main, saturation_risks
-from erde.runtime.engine import Engine
-from erde.runtime.manifest import load_manifest
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.manifest import load_manifest
 from runtime_fixtures import console_command, torch_blocked_env
 
 
@@ -40,7 +40,7 @@ def test_the_int8_folder_records_its_precision_and_runs(int8, exported):
 
 def test_erde_run_runs_an_int8_folder_with_torch_blocked(int8, tiny_data, tmp_path):
     image = next((tiny_data / "test" / "red").iterdir())
-    r = subprocess.run(console_command("erde-run", "erde.runtime.cli") + ["--model", str(int8), "--image", str(image),
+    r = subprocess.run(console_command("erde-run", "erde.runtime.tools.run_cli") + ["--model", str(int8), "--image", str(image),
                                                                          "--json", "--threads", "1"],
                        capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
     assert r.returncode == 0, r.stderr

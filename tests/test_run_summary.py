@@ -1,12 +1,12 @@
-"""runtime/run_summary.py and the summary that ends a folder run of erde-run."""
+"""runtime/tools/run_summary.py and the summary that ends a folder run of erde-run."""
 
 from __future__ import annotations
 
 import shutil
 
-from erde.runtime.cli import main as run_main
-from erde.runtime.run_summary import RunSummary, label_of
-from erde.runtime.stages import Prediction
+from erde.runtime.tools.run_cli import main as run_main
+from erde.runtime.tools.run_summary import RunSummary, label_of
+from erde.runtime.core.stages import Prediction
 from runtime_fixtures import make_model_folder
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "runtime" / "samples"

@@ -1,4 +1,4 @@
-"""runtime/selftest.py and erde-verify: a model folder checks, on the machine at hand, the answers it was built with."""
+"""runtime/core/selftest.py and erde-verify: a model folder checks, on the machine at hand, the answers it was built with."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from erde.runtime.engine import Engine
-from erde.runtime.manifest import load_manifest, save_manifest
-from erde.runtime.ownership import sha256_file
-from erde.runtime.selftest import SELFTEST_NAME, MismatchError, SelfTestError, load_golden, require_verified, verify
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.manifest import load_manifest, save_manifest
+from erde.runtime.common.ownership import sha256_file
+from erde.runtime.core.selftest import SELFTEST_NAME, MismatchError, SelfTestError, load_golden, require_verified, verify
 from runtime_fixtures import console_command, make_model_folder
 
 MODELS = Path(__file__).resolve().parents[1] / "runtime" / "models"
@@ -24,8 +24,8 @@ MODELS = Path(__file__).resolve().parents[1] / "runtime" / "models"
 
 def verify_cli(*args, prefix=(), timeout=120):
     """erde-verify; under ``prefix`` (an emulator) the Python binary itself, since qemu-user runs ELF files."""
-    cmd = [sys.executable, "-m", "erde.runtime.verify_cli"] if prefix else console_command("erde-verify",
-                                                                                           "erde.runtime.verify_cli")
+    cmd = [sys.executable, "-m", "erde.runtime.tools.verify_cli"] if prefix else console_command("erde-verify",
+                                                                                           "erde.runtime.tools.verify_cli")
     return subprocess.run(list(prefix) + cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,8 +71,8 @@ def test_the_bundles_pass_here():
 
 
 def test_erde_run_checks_once_per_machine_and_refuses_a_failing_folder(tmp_path, monkeypatch, capsys):
-    from erde.runtime import selftest
-    from erde.runtime.cli import main as run_main
+    from erde.runtime.core import selftest
+    from erde.runtime.tools.run_cli import main as run_main
 
     monkeypatch.setenv("ERDE_CACHE", str(tmp_path / "cache"))
     folder = make_model_folder(tmp_path)
@@ -97,7 +97,7 @@ def test_erde_run_checks_once_per_machine_and_refuses_a_failing_folder(tmp_path,
 
 
 def test_a_folder_without_a_self_test_is_refused_unless_asked(tmp_path, capsys):
-    from erde.runtime.cli import main as run_main
+    from erde.runtime.tools.run_cli import main as run_main
 
     folder = make_model_folder(tmp_path, with_selftest=False)
     img = Path(__file__).resolve().parents[1] / "runtime" / "samples" / "ship.png"
@@ -120,7 +120,7 @@ def _full_range_int8(tmp_path: Path) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from erde.export.quantize import _segment_inputs
-    from erde.runtime.preprocess import preprocess
+    from erde.runtime.core.preprocess import preprocess
 
     dst = tmp_path / "full-range-int8"
     shutil.copytree(MODELS / "cifar10-int8", dst)

@@ -1,10 +1,10 @@
-"""runtime/sessions.py: the thread-pool policy (the shared global pool is tested in a fresh process in
+"""runtime/core/sessions.py: the thread-pool policy (the shared global pool is tested in a fresh process in
 test_engine.py; in this pytest process every session has its own pool, see conftest.py)."""
 
 import pytest
 
-from erde.runtime.errors import ErdeError
-from erde.runtime.sessions import _one_line, make_session, session_options
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.sessions import _one_line, make_session, session_options
 from runtime_fixtures import make_model_folder
 
 

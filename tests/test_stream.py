@@ -1,4 +1,4 @@
-"""runtime/stream.py and erde-run --video / --camera / --image -: frames through the engine at batch 1."""
+"""runtime/core/stream.py and erde-run --video / --camera / --image -: frames through the engine at batch 1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erde.runtime.engine import Engine
+from erde.runtime.core.engine import Engine
 from runtime_fixtures import console_command
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV (erde[video]) is not installed")
@@ -40,7 +40,7 @@ def video(tmp_path_factory):
 
 
 def erde_run(*args, stdin=None, timeout=120):
-    return subprocess.run(console_command("erde-run", "erde.runtime.cli") + [str(a) for a in args], input=stdin,
+    return subprocess.run(console_command("erde-run", "erde.runtime.tools.run_cli") + [str(a) for a in args], input=stdin,
                           capture_output=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""runtime/unsure.py: a confidence floor chosen on the validation split, and erde-run's "unsure"."""
+"""runtime/core/unsure.py: a confidence floor chosen on the validation split, and erde-run's "unsure"."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erde.runtime.calibrate_cli import main as calibrate_main
-from erde.runtime.cli import main as run_main
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import load_manifest
-from erde.runtime.unsure import choose_floor, curve
+from erde.runtime.tools.calibrate_cli import main as calibrate_main
+from erde.runtime.tools.run_cli import main as run_main
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import load_manifest
+from erde.runtime.core.unsure import choose_floor, curve
 from runtime_fixtures import make_train_folder, make_model_folder, random_image
 
 
@@ -66,8 +66,8 @@ def test_the_bundled_model_is_unsure_about_most_photos_of_other_things():
     from pathlib import Path
 
     from erde.runtime import Engine, bundled_model
-    from erde.runtime.preprocess import preprocess
-    from erde.runtime.unsure import answers
+    from erde.runtime.core.preprocess import preprocess
+    from erde.runtime.core.unsure import answers
 
     with np.load(Path(__file__).parent / "data" / "photos.npz") as z:
         photos = [z[k] for k in z.files]

@@ -1,4 +1,4 @@
-"""Video files and live sources (erde.runtime.video), on an MJPG file made here from real images."""
+"""Video files and live sources (erde.runtime.core.video), on an MJPG file made here from real images."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV is not installed (pip install 'erde[video]')")
 
-from erde.runtime import video  # noqa: E402
-from erde.runtime.manifest import Preprocessing  # noqa: E402
-from erde.runtime.video import Frame, LiveSource, VideoError, open_camera, open_video, prepare  # noqa: E402
+from erde.runtime.core import video  # noqa: E402
+from erde.runtime.core.manifest import Preprocessing  # noqa: E402
+from erde.runtime.core.video import Frame, LiveSource, VideoError, open_camera, open_video, prepare  # noqa: E402
 
 PRE = Preprocessing((32, 32), (0.5,) * 3, (0.25,) * 3)
-SAMPLES = Path(video.__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "runtime" / "samples"
 HOLD = 2  # frames per image
 FPS = 20.0
 

@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 from .models import EarlyExitNet, ExitHead, ModelConfig
 
 WHITEN_KERNEL = 2

@@ -17,8 +17,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from erde.runtime.errors import ErdeError
-from erde.runtime.files import UnsafePathError, check_regular
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.common.files import UnsafePathError, check_regular
 
 from .models import EarlyExitResNet, ModelConfig, build_model
 

@@ -9,9 +9,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 import torch
 
-from erde.runtime.criteria import CRITERIA, sweep
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import write_json_atomic
+from erde.runtime.core.criteria import CRITERIA, sweep
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import write_json_atomic
 
 from . import distributed
 from .checkpoint import compact, load_model, read_checkpoint, save_checkpoint

@@ -1,4 +1,4 @@
-"""What every ERDE click command shares: the one-line error contract of ``erde.runtime.cliargs``.
+"""What every ERDE click command shares: the one-line error contract of ``erde.runtime.common.cli``.
 
 ``friendly_errors`` wraps a command body: an ErdeError or OSError becomes one
 ``Error:`` line and exit code 2, any other exception one ``Error: unexpected``
@@ -17,14 +17,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import click
 
-from erde.runtime.cliargs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, erde_version, run_cli
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, erde_version, run_cli
+from erde.runtime.common.errors import ErdeError
 
 debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 
 
 def version_option(prog: str):
-    """``--version``, worded as the argparse commands word it (erde.runtime.cliargs.Parser)."""
+    """``--version``, worded as the argparse commands word it (erde.runtime.common.cli.Parser)."""
     return click.version_option(erde_version(), "--version", message=f"{prog} (erde %(version)s)")
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
-from erde.runtime.progress import stage
+from erde.runtime.common.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
+from erde.runtime.common.progress import stage
 
 from .recipe import Augment
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 T = TypeVar("T")

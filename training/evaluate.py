@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .data import normalize
 from .models import EarlyExitResNet
 
-from erde.runtime.criteria import REGISTRY
+from erde.runtime.core.criteria import REGISTRY
 
 DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {name: c.report_thresholds for name, c in REGISTRY.items()}
 

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 
 LOSSES = ("ce", "kd", "erde")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 
 
 @dataclass(frozen=True)

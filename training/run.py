@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import click
 import torch
 
-from erde.runtime.errors import ErdeError
-from erde.runtime.manifest import Preprocessing
+from erde.runtime.common.errors import ErdeError
+from erde.runtime.core.manifest import Preprocessing
 
 from . import distributed
 from .airnet import init_whitening

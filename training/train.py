@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from erde.runtime.errors import ErdeError
+from erde.runtime.common.errors import ErdeError
 
 from .checkpoint import make_checkpoint, save_checkpoint
 from .data import alternating_flips, batches, normalize

@@ -22,13 +22,12 @@ from typing import List, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
-from .files import MAX_IMAGE_BYTES, UnsafePathError, check_regular
+from ..common.errors import ImageError
+from ..common.files import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, UnsafePathError, check_regular  # noqa: F401
 from .manifest import RESIZE_RULES, Preprocessing
 
 #: Largest image accepted, in pixels (width * height), checked from the header before decoding.
 MAX_PIXELS = 40_000_000
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 _BILINEAR = getattr(Image, "Resampling", Image).BILINEAR
 _WHITE = (255, 255, 255)

@@ -1,4 +1,4 @@
-"""erde-calibrate: the command line of ``erde.runtime.calibrate`` (see there for the method).
+"""erde-calibrate: the command line of ``erde.runtime.tools.calibrate`` (see there for the method).
 
 Exit codes: 0 calibrated; 1 no threshold meets the target (nothing written;
 the closest threshold is named); 2 nothing could run (bad option, model
@@ -17,12 +17,12 @@ from typing import Optional, Sequence, TextIO
 
 from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
                         Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
-from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
-from .errors import ErdeError
-from .criteria import RULES
-from .manifest import CRITERIA, load_manifest
-from .ownership import MODEL_TOOLS, build_folder, check_replaceable
-from .selftest import SELFTEST_NAME
+from ..common.cli import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
+from ..common.errors import ErdeError
+from ..core.criteria import RULES
+from ..core.manifest import CRITERIA, load_manifest
+from ..common.ownership import MODEL_TOOLS, build_folder, check_replaceable
+from ..core.selftest import SELFTEST_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:

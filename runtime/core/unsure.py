@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import criteria
-from .errors import ErdeError
+from ..common.errors import ErdeError
 
 TARGETS = ("coverage", "accuracy")
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import ErdeError
-from .preprocess import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS
 
 SPLITS = ("train", "test")
+DEFAULT_VAL_FRACTION = 0.1  # erde-train's default
 
 
 def cache_dir() -> Path:
@@ -112,3 +113,23 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int = 0) -> Tup
     if len(train_idx) == 0 or not val_mask.any():
         raise DataError(f"{len(labels)} images are too few to carve a validation split of {val_fraction:.0%}")
     return train_idx, np.flatnonzero(val_mask)
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    files: List[Path]
+    labels: np.ndarray  # [N] int64, positions in the manifest's class_names
+    class_names: Tuple[str, ...]
+    train_images: int  # images in the train split before carving the validation part
+    val_fraction: float
+
+def validation_files(data: Union[str, os.PathLike], class_names: Sequence[str],
+                     val_fraction: float = DEFAULT_VAL_FRACTION) -> ValidationData:
+    """The validation images of the image folder ``data`` (``data/train/<class>/*``), as training carved them."""
+    folder = image_folder_split(data, "train")
+    if tuple(folder.class_names) != tuple(class_names):
+        raise DataError(f"{folder.root}: class folders {list(folder.class_names)} differ from the model's classes "
+                        f"{list(class_names)}; pass the image folder the model was trained on")
+    _, val_idx = split_indices(folder.labels, val_fraction, seed=0)
+    return ValidationData([folder.files[i] for i in val_idx], folder.labels[val_idx], folder.class_names,
+                          len(folder), float(val_fraction))

@@ -15,7 +15,8 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
 
 
 def cpu_model() -> str:
@@ -77,3 +78,29 @@ def describe() -> str:
     """One line for reports: CPU, cores, OS and Python."""
     return (f"{cpu_model()} [{' '.join(isa_flags())}], {os.cpu_count()} cores, {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}")
+
+
+@dataclass(frozen=True)
+class MachineKey:
+    """The machine fingerprint: a profile or a verification holds only where all of it is the same."""
+
+    cpu: str
+    cores: int
+    threads: int
+    onnxruntime: str
+    flags: Tuple[str, ...] = ("unknown",)  # isa_flags(): the features that select the kernels
+    arch: str = "unknown"  # platform.machine(): x86_64, aarch64 (an emulator shows the host's /proc/cpuinfo)
+
+    @classmethod
+    def here(cls, threads: Optional[int]) -> "MachineKey":
+        import onnxruntime
+
+        return cls(cpu_model(), usable_cores(), effective_threads(threads),
+                   onnxruntime.__version__, isa_flags(), platform.machine() or "unknown")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"{self.cpu} ({self.arch}) [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
+                f"thread{'s' * (self.threads != 1)}, onnxruntime {self.onnxruntime}")

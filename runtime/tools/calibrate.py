@@ -26,7 +26,7 @@ threshold whose expected latency is at most MS. The choice goes into
 the manifest, both written atomically (the table first). ``erde-run`` then
 uses the calibrated threshold when ``--threshold`` is not given.
 
-The command line is ``erde.runtime.calibrate_cli``.
+The command line is ``erde.runtime.tools.calibrate_cli``.
 """
 
 from __future__ import annotations
@@ -44,20 +44,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import criteria
-from .datasets import DataError, image_folder_split, split_indices
-from .files import write_atomic
-from .ownership import check_updatable, record_files
-from .errors import ErdeError
-from .manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, save_manifest
+from ..core import criteria
+from ..common.datasets import DEFAULT_VAL_FRACTION, ValidationData, validation_files  # noqa: F401 (used by the tools)
+from ..common.files import write_atomic
+from ..common.ownership import check_updatable, record_files
+from ..common.errors import ErdeError
+from ..core.manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, default_val_fraction, save_manifest  # noqa: F401
 from .profile import LatencyProfile, ProfileError, find_profile
-from .unsure import answers, choose_floor
+from ..core.unsure import answers, choose_floor
 
 TABLE_NAME = "calibration.csv"
 MODES = ("accuracy-drop", "mac-budget", "latency-budget")
 DEFAULT_MAX_DROP_POINTS = 0.5
 DEFAULT_CONFIDENCE = 0.9  # accuracy-drop: level of the one-sided bound on the drop (0.5: the point estimate)
-DEFAULT_VAL_FRACTION = 0.1
 MAX_MAC_BUDGET = 1.5
 BATCH_SIZE = 64
 
@@ -175,30 +174,12 @@ def choose_best(choices: Sequence[Choice], cost: Optional[Cost] = None) -> Choic
 # ----------------------------------------------------------------------------------------------------------
 # Data and model
 
-@dataclass(frozen=True)
-class ValidationData:
-    files: List[Path]
-    labels: np.ndarray  # [N] int64, positions in the manifest's class_names
-    class_names: Tuple[str, ...]
-    train_images: int  # images in the train split before carving the validation part
-    val_fraction: float
-
-def validation_files(data: Union[str, os.PathLike], class_names: Sequence[str],
-                     val_fraction: float = DEFAULT_VAL_FRACTION) -> ValidationData:
-    """The validation images of the image folder ``data`` (``data/train/<class>/*``), as training carved them."""
-    folder = image_folder_split(data, "train")
-    if tuple(folder.class_names) != tuple(class_names):
-        raise DataError(f"{folder.root}: class folders {list(folder.class_names)} differ from the model's classes "
-                        f"{list(class_names)}; pass the image folder the model was trained on")
-    _, val_idx = split_indices(folder.labels, val_fraction, seed=0)
-    return ValidationData([folder.files[i] for i in val_idx], folder.labels[val_idx], folder.class_names,
-                          len(folder), float(val_fraction))
 
 def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Preprocess the files as erde-run does and return every exit's probabilities [E, N, K]."""
-    from .preprocess import preprocess_one
+    from ..core.preprocess import preprocess_one
 
-    from .progress import stage
+    from ..common.progress import stage
 
     pre = engine.manifest.preprocessing
     parts = []
@@ -289,10 +270,10 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
               unsure: Optional[Tuple[str, float]] = None) -> Result:
     """Run the model over the validation split, choose a threshold and (if met and ``write``) store it.
     ``verify``: first refuse a folder whose self-test fails on this machine (``selftest.require_verified``).
-    ``unsure``: (target, value) of the "unsure" floor to choose at the threshold (``erde.runtime.unsure``);
+    ``unsure``: (target, value) of the "unsure" floor to choose at the threshold (``erde.runtime.core.unsure``);
     without it, a floor the manifest already has is chosen again for its own target."""
-    from .engine import Engine
-    from .selftest import require_verified
+    from ..core.engine import Engine
+    from ..core.selftest import require_verified
 
     check_target(mode, target)
     check_confidence(confidence)
@@ -350,18 +331,9 @@ def check_target(mode: str, target: float) -> float:
                         f"in (0, {MAX_MAC_BUDGET:g}], e.g. 0.6")
     return float(target)
 
-def default_val_fraction(manifest: Manifest) -> float:
-    """The manifest's ``source.val_fraction`` if the exporter recorded one, else 0.1 (erde-train's default)."""
-    try:
-        v = float(manifest.source.get("val_fraction", DEFAULT_VAL_FRACTION))
-    except (TypeError, ValueError):
-        return DEFAULT_VAL_FRACTION
-    return v if 0 < v < 1 else DEFAULT_VAL_FRACTION
-
-
 def read_table(folder: Union[str, Path], num_exits: int) -> List[ThresholdRow]:
     """The rows of a model folder's calibration.csv ([] if it has none); ErdeError if it is corrupt."""
-    from .files import MAX_MANIFEST_BYTES, read_capped
+    from ..common.files import MAX_MANIFEST_BYTES, read_capped
 
     path = Path(folder) / TABLE_NAME
     if not path.exists():

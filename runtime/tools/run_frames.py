@@ -1,7 +1,4 @@
-"""Frames through the engine at batch 1, as they come: any iterable of images, a video file, a camera.
-
-``stream`` and ``from_video`` are the Python API (``Engine.stream``, ``Engine.from_video``); ``run_frames`` is
-``erde-run --video FILE`` and ``--camera INDEX``: one line per frame (or per ``--every`` frames) with the time
+"""``erde-run --video FILE`` and ``--camera INDEX``: one line per frame (or per ``--every`` frames) with the time
 split into decode, preprocess and inference, then a summary with frames per second, the p50/p95 of each stage,
 exit shares, class counts and the frames skipped (a live source always serves its newest frame).
 """
@@ -10,37 +7,19 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterable, Iterator, Optional, TextIO
+from typing import Optional, TextIO
 
-from .errors import EXIT_FAILED, EXIT_OK
-from .preprocess import ImageInput, preprocess_one
-from .stages import Prediction
-
-
-def stream(engine, frames: Iterable[ImageInput], threshold: Optional[float] = None,
-           criterion: Optional[str] = None) -> Iterator[Prediction]:
-    """One prediction per frame (a path, PIL image or HxWx3 uint8 array), at batch 1, as the frames come."""
-    criterion, threshold, _ = engine.resolve_threshold(threshold, criterion)
-    pre = engine.manifest.preprocessing
-    for image in frames:
-        yield engine.predict_array(preprocess_one(image, pre)[None], threshold, criterion)[0]
-
-
-def from_video(engine, path, threshold: Optional[float] = None, criterion: Optional[str] = None,
-               max_fps: Optional[float] = None) -> Iterator[Prediction]:
-    """One prediction per frame of a video file (needs ``erde[video]``)."""
-    from .video import open_video
-
-    with open_video(path, engine.manifest.preprocessing, max_fps) as source:
-        yield from stream(engine, (f.image for f in source.frames()), threshold, criterion)
+from ..common.errors import EXIT_FAILED, EXIT_OK
+from ..core.preprocess import preprocess_one
+from ..core.stages import Prediction
 
 
 def run_frames(engine, args, criterion: str, threshold: float, floor: Optional[float], out: TextIO,
                err: TextIO) -> int:
     """erde-run over a video file or a camera; returns the exit code."""
-    from .cli import static_predictions
+    from .run_cli import static_predictions
     from .run_summary import RunSummary
-    from .video import open_camera, open_video, quiet_opencv
+    from ..core.video import open_camera, open_video, quiet_opencv
 
     quiet_opencv()
     pre = engine.manifest.preprocessing

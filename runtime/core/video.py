@@ -21,8 +21,8 @@ from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ErdeError
-from .files import UnsafePathError, check_regular
+from ..common.errors import ErdeError
+from ..common.files import UnsafePathError, check_regular
 from .manifest import RESIZE_RULES, Preprocessing
 
 MAX_VIDEO_BYTES = 1 << 50  # no size limit: check_regular only refuses folders, FIFOs and devices

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import ErdeError, ModelFolderError
+from ..common.errors import ErdeError, ModelFolderError
 
 try:
     import onnxruntime as ort

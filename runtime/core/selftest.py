@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import criteria
-from .errors import EXIT_MISMATCH, ErdeError
-from .files import read_capped, write_atomic
+from ..common.errors import EXIT_MISMATCH, ErdeError
+from ..common.files import read_capped, write_atomic
 
 SELFTEST_NAME = "selftest.npz"
 SELFTEST_IMAGES = 24  # few enough for a check of some tens of milliseconds (docs/reference.md, erde-verify)
@@ -130,9 +130,10 @@ def golden_images(files: Sequence[Path], manifest, count: int = SELFTEST_IMAGES)
 def build_selftest(folder: Path, data: Optional[Path] = None, count: int = SELFTEST_IMAGES) -> str:
     """Write ``folder``'s self-test: ``count`` validation images of ``data`` (the split training carved), or,
     without data, seeded smooth random images (labels -1). Returns a line saying which."""
-    from .calibrate import default_val_fraction, validation_files
+    from ..common.datasets import validation_files
+    from .manifest import default_val_fraction
     from .engine import Engine
-    from .profile import MachineKey
+    from ..common.machine import MachineKey
 
     engine = Engine.load(folder)  # the process's pool as it is (the exporter's parity check may have made it)
     m = engine.manifest
@@ -221,9 +222,10 @@ def _cache_file(engine, threads: Optional[int]) -> Tuple[Path, dict]:
     import hashlib
     import json
 
-    from .datasets import cache_dir
-    from .profile import MachineKey, model_sha256
-    from .ownership import sha256_file
+    from ..common.datasets import cache_dir
+    from ..common.machine import MachineKey
+    from .manifest import model_sha256
+    from ..common.ownership import sha256_file
 
     key = {"machine": MachineKey.here(threads).to_dict(), "model_sha256": model_sha256(engine.manifest),
            "selftest_sha256": sha256_file(engine.folder / SELFTEST_NAME)}
@@ -236,7 +238,7 @@ def remember(engine, threads: Optional[int], verdict: Verdict) -> None:
     """Keep the verdict for this machine fingerprint and model in the per-user folder (never in the package)."""
     import json
 
-    from .files import write_json_atomic
+    from ..common.files import write_json_atomic
 
     try:
         path, key = _cache_file(engine, threads)

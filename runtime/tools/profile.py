@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import machine
-from .errors import ErdeError
-from .files import MAX_MANIFEST_BYTES, UnsafePathError, json_depth_ok, read_capped, write_json_atomic
-from .manifest import Manifest
-from .ownership import check_updatable, record_files
+from ..common.machine import MachineKey
+from ..common.errors import ErdeError
+from ..common.files import MAX_MANIFEST_BYTES, UnsafePathError, json_depth_ok, read_capped, write_json_atomic
+from ..core.manifest import Manifest, model_sha256
+from ..common.ownership import check_updatable, record_files
 
 PROFILE_NAME = "latency_profile.json"
 PROFILE_FORMAT = "erde-latency-profile"
@@ -39,34 +39,6 @@ TRIM = 0.05  # the slowest 5% of calls (scheduler hiccups) are left out of each 
 
 class ProfileError(ErdeError):
     """A latency profile is missing, corrupt, or describes another machine or model."""
-
-
-@dataclass(frozen=True)
-class MachineKey:
-    """The machine fingerprint: a profile or a verification holds only where all of it is the same."""
-
-    cpu: str
-    cores: int
-    threads: int
-    onnxruntime: str
-    flags: Tuple[str, ...] = ("unknown",)  # machine.isa_flags(): the features that select the kernels
-    arch: str = "unknown"  # platform.machine(): x86_64, aarch64 (an emulator shows the host's /proc/cpuinfo)
-
-    @classmethod
-    def here(cls, threads: Optional[int]) -> "MachineKey":
-        import platform
-
-        import onnxruntime
-
-        return cls(machine.cpu_model(), machine.usable_cores(), machine.effective_threads(threads),
-                   onnxruntime.__version__, machine.isa_flags(), platform.machine() or "unknown")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return (f"{self.cpu} ({self.arch}) [{' '.join(self.flags)}], {self.cores} cores, {self.threads} "
-                f"thread{'s' * (self.threads != 1)}, onnxruntime {self.onnxruntime}")
 
 
 @dataclass(frozen=True)
@@ -91,14 +63,6 @@ class LatencyProfile:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def model_sha256(manifest: Manifest) -> str:
-    import hashlib
-
-    parts = [s.sha256 for s in manifest.segments] + ([manifest.full.sha256] if manifest.full else [])
-    parts += [manifest.early_exit_graph.sha256] if manifest.early_exit_graph else []
-    return hashlib.sha256(",".join(parts).encode()).hexdigest()
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -144,7 +108,7 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
         engine.predict_array(x, early_exit=False)
         return (clock() - t0) * 1000.0
 
-    from .progress import stage
+    from ..common.progress import stage
 
     cum: List[List[float]] = [[] for _ in range(n_exits)]
     full: List[float] = []
@@ -194,7 +158,7 @@ def _from_dict(d: Any) -> LatencyProfile:
 def user_profile_path(manifest: Manifest) -> Path:
     """Where profiles go when the model folder may not be written (the installed bundle, a read-only folder):
     a per-user file named by the model's graphs, so it follows the model wherever its folder lies."""
-    from .datasets import cache_dir
+    from ..common.datasets import cache_dir
 
     return cache_dir() / "profiles" / f"{model_sha256(manifest)[:32]}.json"
 
@@ -243,7 +207,7 @@ def save_profile(folder: Union[str, Path], profile: LatencyProfile, manifest: Op
         check_updatable(folder, {PROFILE_NAME: is_profile}, "erde-profile", "")
         return _add_profile(folder / PROFILE_NAME, profile, record_in=folder)
     except (UnsafePathError, PermissionError, OSError):  # OSError: a read-only file system, say
-        from .manifest import load_manifest
+        from ..core.manifest import load_manifest
 
         path = user_profile_path(manifest or load_manifest(folder))
         path.parent.mkdir(parents=True, exist_ok=True)

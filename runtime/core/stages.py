@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
-from .errors import ModelFolderError
-from .files import MAX_GRAPH_BYTES, read_capped
+from ..common.errors import ModelFolderError
+from ..common.files import MAX_GRAPH_BYTES, read_capped
 from .manifest import MANIFEST_NAME
 
 

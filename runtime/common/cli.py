@@ -1,7 +1,7 @@
 """The command-line contract every ERDE tool shares (argparse here; the click tools use it too).
 
 Every problem is one ``Error: what, where, how to fix`` line on stderr;
-``--debug`` adds the traceback. The exit codes are defined once, in ``erde.runtime.errors``; an error
+``--debug`` adds the traceback. The exit codes are defined once, in ``erde.runtime.common.errors``; an error
 type carries its own (``ErdeError.exit_code``).
 """
 

@@ -6,7 +6,7 @@ Writes (or updates) MODEL_DIR/latency_profile.json with one entry for this
 CPU model, core count, thread count and onnxruntime version. ``erde-run`` then
 shows the expected latency at its threshold, and ``erde-calibrate`` chooses
 thresholds in milliseconds. Measure on a quiet machine: nothing else running.
-Exit codes as every erde command (see erde.runtime.cliargs).
+Exit codes as every erde command (see erde.runtime.common.cli).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .cliargs import Parser, add_verify_option, positive_int, run_cli
+from ..common.cli import Parser, add_verify_option, positive_int, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    from .cli import model_folder
-    from .engine import Engine
+    from .run_cli import model_folder
+    from ..core.engine import Engine
     from .profile import measure, save_profile
-    from .selftest import require_verified
+    from ..core.selftest import require_verified
 
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
     if not args.no_verify:

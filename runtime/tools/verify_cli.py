@@ -7,7 +7,7 @@ the machine that built the folder) here and prints one ✓/✗ line per check: c
 at the folder's threshold, and the largest probability difference, against tolerances for the folder's
 precision. The verdict is remembered for this machine fingerprint (CPU, instruction-set flags, cores,
 threads, onnxruntime version) and model, so that erde-run and the other tools check only once.
-Exit codes: 0 passed; 3 this machine's answers differ; 2 bad input (see erde.runtime.errors).
+Exit codes: 0 passed; 3 this machine's answers differ; 2 bad input (see erde.runtime.common.errors).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence, TextIO
 
-from .cliargs import Parser, positive_int, run_cli
+from ..common.cli import Parser, positive_int, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    from .cli import model_folder
-    from .engine import Engine
-    from .profile import MachineKey
-    from .selftest import MismatchError, remember, verify
+    from .run_cli import model_folder
+    from ..core.engine import Engine
+    from ..common.machine import MachineKey
+    from ..core.selftest import MismatchError, remember, verify
 
     t0 = time.perf_counter()
     engine = Engine.load(model_folder(args.model_dir), threads=args.threads)

@@ -5,7 +5,7 @@ k returns the softmax probabilities of exit k and, except the last, the
 feature map for segment k+1. An image leaves at the first exit whose
 probabilities pass the exit rule (``exit_mask``); the last exit always answers.
 
-Sessions and the thread-pool policy live in ``erde.runtime.sessions``.
+Sessions and the thread-pool policy live in ``erde.runtime.core.sessions``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import criteria
 from .binding import BoundChain, ExitTest, PlainChain, bind_chain, run_until
-from .errors import ErdeError, ModelFolderError
+from ..common.errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 from .sessions import _check_providers, _check_threads, _one_line, make_session
@@ -165,14 +165,14 @@ class Engine:
         return out
 
     def stream(self, frames, threshold: Optional[float] = None, criterion: Optional[str] = None):
-        """One Prediction per frame of any iterable of paths, PIL images or arrays, at batch 1 (erde.runtime.stream)."""
+        """One Prediction per frame of any iterable of paths, PIL images or arrays, at batch 1 (erde.runtime.core.stream)."""
         from .stream import stream
 
         return stream(self, frames, threshold, criterion)
 
     def from_video(self, path, threshold: Optional[float] = None, criterion: Optional[str] = None,
                    max_fps: Optional[float] = None):
-        """One Prediction per frame of a video file (needs erde[video]; erde.runtime.stream)."""
+        """One Prediction per frame of a video file (needs erde[video]; erde.runtime.core.stream)."""
         from .stream import from_video
 
         return from_video(self, path, threshold, criterion, max_fps)

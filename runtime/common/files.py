@@ -5,7 +5,7 @@
   folder (a symlink may not lead out of it).
 - Writes: to a temporary file beside the target, then renamed into place, so a
   crash never leaves a half-written file.
-- Folders: built, and replaced only where erde wrote them, by ``erde.runtime.ownership``.
+- Folders: built, and replaced only where erde wrote them, by ``erde.runtime.common.ownership``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ MAX_GRAPH_BYTES = 1024 * MiB
 MAX_IMAGE_BYTES = 256 * MiB
 MAX_JSON_DEPTH = 64
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 class UnsafePathError(ErdeError):
     """A path is not a regular file, leaves its folder, is too large, or may not be replaced."""

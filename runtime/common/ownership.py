@@ -265,7 +265,7 @@ def swap_into_place(tmp: Path, out: Path) -> None:
 
 # ---- files added to an existing model folder ----------------------------------------------------
 
-PACKAGE_MODELS = Path(__file__).resolve().parent / "models"  # the model folders shipped inside the package
+from .. import BUNDLED_MODELS as PACKAGE_MODELS  # noqa: E402 (the model folders shipped inside the package)
 
 
 def in_installed_package(folder: PathLike) -> bool:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ErdeError
+from ..common.errors import ErdeError
 
 #: An ONNX node as plain data: (op_type, inputs, outputs, attributes); the exporter makes it an ONNX node.
 NodeSpec = Tuple[str, List[str], List[str], Dict[str, object]]

@@ -4,7 +4,7 @@ Exit codes: 0 all images classified; 1 some image could not be read (each is
 reported, the others still run); 2 nothing could run (bad option, bad model
 folder, no image readable); 3 the folder's self-test fails here. Errors are one
 ``Error: ...`` line on stderr; ``--debug`` adds the traceback. A run over more
-than one image ends with a summary (``erde.runtime.run_summary``).
+than one image ends with a summary (``erde.runtime.tools.run_summary``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
 
-from .cliargs import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
-from .errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
-from .criteria import RULES
-from .manifest import CRITERIA, MANIFEST_NAME
-from .stages import Prediction
+from .. import BUNDLED_MODELS
+from ..common.cli import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
+from ..common.errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
+from ..core.criteria import RULES
+from ..core.manifest import CRITERIA, MANIFEST_NAME
+from ..core.stages import Prediction
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cifar10"  # what a command runs without a folder
+BUNDLED_MODEL = BUNDLED_MODELS / "cifar10"  # what a command runs without a folder
 
 
 def _threshold(text: str) -> float:
@@ -190,11 +191,11 @@ def _json_line(name: str, pred, criterion: Optional[str], threshold: Optional[fl
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Imported here so that `erde-run --help` and option errors need no onnxruntime.
-    from .engine import MAX_RUN_BATCH, Engine
-    from .preprocess import STDIN, list_images, preprocess_one
+    from ..core.engine import MAX_RUN_BATCH, Engine
+    from ..core.preprocess import STDIN, list_images, preprocess_one
     from .run_summary import RunSummary, label_of
-    from .selftest import require_verified
-    from .unsure import floor_of
+    from ..core.selftest import require_verified
+    from ..core.unsure import floor_of
 
     sources = [bool(args.image or args.folder), args.video is not None, args.camera is not None]
     if sum(sources) != 1:
@@ -231,7 +232,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if line:
             print(line, file=out)
     if not sources[0]:
-        from .stream import run_frames
+        from .run_frames import run_frames
 
         return run_frames(engine, args, criterion, threshold, floor, out, err)
     step = min(args.batch_size, MAX_RUN_BATCH)  # larger batches gain nothing and only cost memory

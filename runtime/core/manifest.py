@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .criteria import CRITERIA  # noqa: F401 (re-exported: the manifest names these criteria)
-from .errors import ErdeError, ManifestError
+from ..common.errors import ErdeError, ManifestError
 from .unsure import Unsure, from_dict as unsure_from_dict
-from .files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
+from ..common.files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -133,7 +133,7 @@ class Manifest:
     source: Dict[str, str] = field(default_factory=dict)  # checkpoint hash, package versions
     quantization: Dict[str, Any] = field(default_factory=dict)  # settings of erde-quantize; {} for fp32
     early_exit_graph: Optional[EarlyExitGraph] = None
-    unsure: Optional[Unsure] = None  # the confidence floor below which erde-run answers "unsure" (erde.runtime.unsure)
+    unsure: Optional[Unsure] = None  # the confidence floor below which erde-run answers "unsure" (erde.runtime.core.unsure)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -368,3 +368,20 @@ def save_manifest(folder: Union[str, Path], manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST_NAME
     write_json_atomic(path, manifest.to_dict())
     return path
+
+
+def model_sha256(manifest: Manifest) -> str:
+    import hashlib
+
+    parts = [s.sha256 for s in manifest.segments] + ([manifest.full.sha256] if manifest.full else [])
+    parts += [manifest.early_exit_graph.sha256] if manifest.early_exit_graph else []
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()
+
+
+def default_val_fraction(manifest: Manifest) -> float:
+    """The manifest's ``source.val_fraction`` if the exporter recorded one, else 0.1 (erde-train's default)."""
+    try:
+        v = float(manifest.source.get("val_fraction", 0.1))
+    except (TypeError, ValueError):
+        return 0.1
+    return v if 0 < v < 1 else 0.1

@@ -26,19 +26,21 @@ Exit codes: 0 done; 2 nothing could be measured (bad option, model folder, image
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, Optional, TextIO, Tuple
+
+import click
 
 import numpy as np
 
-from erde.runtime.common.cli import Parser, add_verify_option, run_cli
+from erde.runtime.common.cli import (COUNT, PATH, POSITIVE, command, command_line, console_script, force_option, model_option,
+                                    no_verify_option)
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.files import write_atomic
 from erde.runtime.common.ownership import BENCH_TOOLS, build_folder, check_replaceable
@@ -57,28 +59,17 @@ EXIT_OK, EXIT_USAGE = 0, 2
 # CLI
 
 
-def _int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-def _thresholds(text: str) -> List[float]:
+def _thresholds(ctx, param, text: Optional[str]) -> Optional[List[float]]:
+    if text is None:
+        return None
     out = []
     for part in text.split(","):
         try:
             t = float(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+            raise click.BadParameter(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
         if not (math.isfinite(t) and 0.0 <= t <= 1.0):
-            raise argparse.ArgumentTypeError(f"threshold {part.strip()} is not a number in [0, 1]")
+            raise click.BadParameter(f"threshold {part.strip()} is not a number in [0, 1]")
         out.append(t)
     return out
 
@@ -92,42 +83,39 @@ def default_out(model_name: str = "model", threads: Optional[int] = None) -> Pat
     return cache_dir() / "bench" / f"edge-{model_name}-{cpu}-{machine.effective_threads(threads)}t"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-bench", description="Benchmark an early-exit model folder on this machine: latency "
-                "percentiles, throughput, cold start and memory, against full.onnx and (with --checkpoint and "
-                "torch) a PyTorch eager early-exit loop.")
-    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
-                   help="model folder written by erde-export (default: the bundled CIFAR-10 model)")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
-    p.add_argument("--thresholds", type=_thresholds, metavar="T,T,...",
-                   help="exit thresholds to measure (default: " + "; ".join(
-                       f"{','.join(f'{t:g}' for t in ts)} for {c}" for c, ts in DEFAULT_THRESHOLDS.items())
-                   + "); the calibrated threshold is always added")
-    p.add_argument("--criterion", choices=CRITERIA,
-                   help="exit rule (default: the calibrated one, else the manifest's default)")
-    p.add_argument("--threads", type=_int(1), metavar="N", help="threads for onnxruntime, erde-run and torch "
-                   "(default: each library's default)")
-    p.add_argument("--provider", default="CPUExecutionProvider", metavar="NAME", help="onnxruntime execution provider")
-    p.add_argument("--batch-size", type=_int(1), default=32, metavar="N", help="batch size for throughput (default 32)")
-    p.add_argument("--repeats", type=_int(1), default=200, metavar="N", help="timed images per method at batch 1 "
-                   "(default 200); at batch N, ceil(repeats / N) batches, at least 3")
-    p.add_argument("--warmup", type=_int(0), default=20, metavar="N", help="untimed calls per method first (default 20)")
-    p.add_argument("--max-images", type=_int(1), default=512, metavar="N",
-                   help="preprocess at most N images, a seeded sample of the folder (default 512)")
-    p.add_argument("--cold-starts", type=_int(0), default=5, metavar="N",
-                   help="fresh erde-run processes timed for the cold start (default 5; 0 skips)")
-    p.add_argument("--compare", metavar="DIR", help="a second model folder of the same model (e.g. its int8 copy "
-                   "from erde-quantize), timed in the same rounds at its own calibrated threshold")
-    p.add_argument("--checkpoint", metavar="FILE", help="the student checkpoint (.pt) the folder was exported "
-                   "from, for the PyTorch eager loop (needs torch)")
-    p.add_argument("--out", metavar="DIR", help="output folder: new or empty, or with --force one erde-bench wrote "
-                   "(default $ERDE_CACHE/bench/edge-<model>-<cpu>-<threads>t, replaced if erde-bench wrote it)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if erde-bench wrote it and nothing in it was added or changed since")
-    p.add_argument("--no-plot", action="store_true", help="do not draw plot.png")
-    add_verify_option(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+@command("erde-bench")
+@model_option
+@click.option("--images", type=PATH, required=True, metavar="DIR", help="Folder of images (searched recursively).")
+@click.option("--thresholds", callback=_thresholds, metavar="T,T,...",
+              help="Exit thresholds to measure (default: " + "; ".join(
+                  f"{','.join(f'{t:g}' for t in ts)} for {c}" for c, ts in DEFAULT_THRESHOLDS.items())
+              + "); the calibrated threshold is always added.")
+@click.option("--criterion", type=click.Choice(CRITERIA),
+              help="Exit rule (default: the calibrated one, else the manifest's default).")
+@click.option("--threads", type=POSITIVE, metavar="N",
+              help="onnxruntime, erde-run and torch threads (default: one per core).")
+@click.option("--provider", default="CPUExecutionProvider", metavar="NAME", help="onnxruntime execution provider.")
+@click.option("--batch-size", type=POSITIVE, default=32, metavar="N", help="Batch size for throughput (default 32).")
+@click.option("--repeats", type=POSITIVE, default=200, metavar="N",
+              help="Timed images per method at batch 1 (default 200); at batch N, ceil(repeats / N) batches, at least 3.")
+@click.option("--warmup", type=COUNT, default=20, metavar="N", help="Untimed calls per method first (default 20).")
+@click.option("--max-images", type=POSITIVE, default=512, metavar="N",
+              help="Preprocess at most N images, a seeded sample of the folder (default 512).")
+@click.option("--cold-starts", type=COUNT, default=5, metavar="N",
+              help="Fresh erde-run processes timed for the cold start (default 5; 0 skips).")
+@click.option("--compare", metavar="DIR", help="A second model folder of the same model (e.g. its int8 copy from "
+              "erde-quantize), timed in the same rounds at its own calibrated threshold.")
+@click.option("--checkpoint", metavar="FILE", help="The student checkpoint (.pt) the folder was exported from, for "
+              "the PyTorch eager loop (needs torch).")
+@click.option("--out", metavar="DIR", help="Output folder: new or empty, or with --force one erde-bench wrote "
+              "(default $ERDE_CACHE/bench/edge-<model>-<cpu>-<threads>t, replaced if erde-bench wrote it).")
+@force_option
+@click.option("--no-plot", is_flag=True, help="Do not draw plot.png.")
+@no_verify_option
+def cli(**kw) -> int:
+    """Benchmark an early-exit model folder on this machine: latency percentiles, throughput, cold start and
+    memory, against full.onnx and (with --checkpoint and torch) a PyTorch eager early-exit loop."""
+    return _run(SimpleNamespace(**kw), command_line(), sys.stdout)
 
 
 def _say(out: TextIO, text: str) -> None:
@@ -135,7 +123,7 @@ def _say(out: TextIO, text: str) -> None:
     out.flush()
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
+def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
     from erde.runtime.tools.run_cli import model_folder
     from erde.runtime.core.engine import Engine
 
@@ -145,7 +133,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
     files = find_images(args.images)
     from erde.runtime.core.selftest import require_verified
 
-    engine = Engine.load(model_folder(args.model_dir), threads=args.threads, providers=[args.provider])
+    engine = Engine.load(model_folder(args.model), threads=args.threads, providers=[args.provider])
     if not args.no_verify:
         require_verified(engine, args.threads)
     m = engine.manifest
@@ -275,7 +263,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str], out: TextIO) -> int:
         settings["PyTorch eager vs ONNX, max probability difference (every exit, up to 16 images)"] = \
             torch_facts["max_abs_prob_diff_vs_onnx"]
     rep = Report(
-        command=" ".join(["erde-bench"] + [shlex.quote(a) for a in argv]), machine=machine_facts(args.threads, args.provider),
+        command=command, machine=machine_facts(args.threads, args.provider),
         model_dir=engine.folder, manifest=m, criterion=criterion, reference=reference,
         images=f"{len(used)} of {len(files)} files under {args.images}", settings=settings, rows=rows, cold=cold,
         rss_ort_mb=rss_ort, rss_end_mb=peak_rss_mb(), torch_facts=torch_facts, skipped=skipped, ratios=ratios,
@@ -347,9 +335,7 @@ def _available_providers() -> List[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(lambda: _run(build_parser().parse_args(argv), argv, sys.stdout), argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":

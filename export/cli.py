@@ -8,19 +8,19 @@ from pathlib import Path
 import click
 
 from erde.training.models import parse_exits
-from erde.training.cliutil import debug_option, friendly_errors, run_click, version_option
+from erde.runtime.common.cli import command, console_script, force_option
 
 from .exporter import default_out_dir, export_checkpoint
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("erde-export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Model folder to write (default: <checkpoint name>_onnx beside the checkpoint).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="The image folder the model was trained on: the self-test (erde-verify) takes validation "
                    "images from it; without it, seeded random images.")
-@click.option("--force", is_flag=True, help="Replace --out if an erde tool wrote it and nothing in it was added or changed since.")
+@force_option
 @click.option("--exits", default=None,
               help="Keep only these trained early exits (block indices, comma-separated, e.g. 1): drop an exit "
                    "that does not pay for its latency, without retraining.")
@@ -28,10 +28,7 @@ from .exporter import default_out_dir, export_checkpoint
               help="Also write early_exit.onnx: the whole model as one graph with nested If nodes, which the "
                    "engine then uses at batch 1. Measure it against the segment chain first "
                    "(python scripts/if_graph.py MODEL_DIR): on the students measured here it was 2-5% slower.")
-@debug_option
-@version_option("erde-export")
-@friendly_errors
-def main(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single_graph: bool) -> None:
+def cli(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single_graph: bool, debug: bool) -> None:
     """Export an ERDE checkpoint to a model folder for the torch-free runtime.
 
     Every export checks each graph with onnx.checker, cross-checks the MACs
@@ -56,10 +53,8 @@ def main(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, singl
     click.echo(f"  full.onnx: {m.full_macs:,} MACs")
 
 
-def entry(argv=None) -> int:
-    """Console script: the one-line error contract for click's own usage errors too."""
-    return run_click(main, argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

@@ -23,25 +23,28 @@ beside its input) sees it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from erde.runtime.tools.calibrate import default_val_fraction, validation_files
-from erde.runtime.common.cli import Parser, positive_int, run_cli
+from erde.runtime.common.datasets import validation_files
+from erde.runtime.core.manifest import default_val_fraction
+import click
+
+from erde.runtime.common.cli import PATH, POSITIVE, command, data_option, console_script, force_option, model_option
 from erde.runtime.core.engine import Engine
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.core.manifest import Manifest, load_manifest, save_manifest
 from erde.runtime.common.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
 from erde.runtime.core.preprocess import load_image, preprocess_one
 from erde.runtime.core.selftest import build_selftest
+from erde.runtime.tools.run_cli import model_folder
 
 DEFAULT_IMAGES = 200
 #: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks:
@@ -230,29 +233,24 @@ def _check_agreement(fp32: Engine, int8: Engine, x: np.ndarray, report: Callable
                                 "calibration images; nothing was written")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-quantize", description="Static INT8 (QDQ, per-channel) copy of a model folder, "
-                                                 "calibrated on the validation split.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="fp32 model folder written by erde-export")
-    p.add_argument("--data", required=True, metavar="PATH", help="the image folder the model was trained on")
-    p.add_argument("--out", required=True, metavar="DIR", help="the int8 model folder to write")
-    p.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES, metavar="N",
-                   help=f"validation images to calibrate on (default {DEFAULT_IMAGES})")
-    p.add_argument("--force", action="store_true", help="replace --out if an erde tool wrote it and nothing in it was added or changed since")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    m = quantize_folder(Path(args.model_dir), Path(args.data), Path(args.out), args.images, args.force)
-    print(f"wrote {args.out}/ ({m.model_name}, {m.num_exits} int8 segments"
+@command("erde-quantize")
+@model_option
+@data_option(True, "The image folder the model was trained on")
+@click.option("--out", type=PATH, required=True, metavar="DIR", help="The int8 model folder to write.")
+@click.option("--max-images", type=POSITIVE, default=DEFAULT_IMAGES, metavar="N",
+              help=f"Calibrate on at most N validation images (default {DEFAULT_IMAGES}).")
+@force_option
+def cli(model: Optional[str], data: Path, out: Path, max_images: int, force: bool, debug: bool) -> int:
+    """Static INT8 (QDQ, per-channel, weights in [-64, 64]) copy of a model folder, calibrated on the validation
+    split."""
+    m = quantize_folder(model_folder(model), Path(data), Path(out), max_images, force)
+    print(f"wrote {out}/ ({m.model_name}, {m.num_exits} int8 segments"
           + (" and int8 full.onnx" if m.full else "") + "); calibrate its threshold: "
-          f"erde-calibrate {args.out} --data {args.data}")
+          f"erde-calibrate --model {out} --data {data}")
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv)), argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":

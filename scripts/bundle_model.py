@@ -17,16 +17,18 @@ something to classify right after ``pip install``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 from erde.runtime.tools.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, calibrate
-from erde.runtime.common.cli import Parser, finite_number, positive_int, run_cli
+import click
+
+from erde.runtime.common.cli import FINITE, PATH, POSITIVE, command, console_script, data_option, exclusive
 from erde.runtime.core.criteria import sweep
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.ownership import MODEL_TOOLS, build_folder
@@ -91,34 +93,38 @@ def measure_profiles(folder: Path, threads: Sequence[int]) -> None:
     import subprocess
 
     for t in threads:
-        r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", str(folder), "--threads", str(t)],
+        r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", "--model", str(folder), "--threads", str(t)],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            raise ErdeError(f"erde-profile {folder} --threads {t} failed: {r.stderr.strip()}")
+            raise ErdeError(f"erde-profile --model {folder} --threads {t} failed: {r.stderr.strip()}")
         print(r.stdout.strip())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/bundle_model.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"), help="CIFAR-10 image folder")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, default=STUDENT,
-                     help="a student checkpoint to export and bundle (default: the air32w16_ee ERDE student)")
-    src.add_argument("--source", type=Path, default=None, help="an exported model folder to bundle instead")
-    ap.add_argument("--max-drop", type=finite_number, default=DEFAULT_MAX_DROP_POINTS,
-                    help="accuracy drop allowed, in points")
-    ap.add_argument("--confidence", type=finite_number, default=DEFAULT_CONFIDENCE,
-                    help="level of the upper bound on the drop (erde-calibrate --confidence)")
-    ap.add_argument("--profile-threads", default="1,2", help="thread counts to measure latency profiles at")
-    ap.add_argument("--calibrate-threads", type=positive_int, default=1,
-                    help="the thread count whose profile calibration minimises (default 1)")
-    ap.add_argument("--unsure-coverage", type=finite_number, default=0.9,
-                    help="the \"unsure\" floor: the share of validation images still answered (default 0.9)")
-    ap.add_argument("--int8", action="store_true",
-                    help="rebuild the int8 copy (runtime/models/cifar10-int8) from the bundled fp32 model instead: "
-                         "erde-quantize, then profiles and calibration as for the fp32 one")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    return run_cli(lambda: bundle(ap.parse_args(argv)), argv)
+@command("python scripts/bundle_model.py")
+@data_option(False, "CIFAR-10 image folder")
+@click.option("--checkpoint", type=PATH, default=None,
+              help="A student checkpoint to export and bundle (default: the air32w16_ee ERDE student).")
+@click.option("--source", type=PATH, default=None, help="An exported model folder to bundle instead.")
+@click.option("--max-drop", type=FINITE, default=DEFAULT_MAX_DROP_POINTS, help="Accuracy drop allowed, in points.")
+@click.option("--confidence", type=FINITE, default=DEFAULT_CONFIDENCE,
+              help="Level of the upper bound on the drop (erde-calibrate --confidence).")
+@click.option("--profile-threads", default="1,2", help="Thread counts to measure latency profiles at.")
+@click.option("--calibrate-threads", type=POSITIVE, default=1,
+              help="The thread count whose profile calibration minimises (default 1).")
+@click.option("--unsure-coverage", type=FINITE, default=0.9,
+              help="The \"unsure\" floor: the share of validation images still answered (default 0.9).")
+@click.option("--int8", is_flag=True,
+              help="Rebuild the int8 copy (runtime/models/cifar10-int8) from the bundled fp32 model instead: "
+                   "erde-quantize, then profiles and calibration as for the fp32 one.")
+def cli(**kw) -> int:
+    """Export, profile, calibrate and install the bundled CIFAR-10 student (or its int8 copy)."""
+    exclusive(checkpoint=kw["checkpoint"], source=kw["source"])
+    args = SimpleNamespace(**kw)
+    args.checkpoint = args.checkpoint or STUDENT
+    return bundle(args)
+
+
+main = console_script(cli)
 
 
 def bundle(args) -> int:
@@ -161,10 +167,10 @@ def quantize_bundle(fp32: Path, out: Path, data: Path) -> None:
     """erde-quantize in a fresh process (its calibrator's sessions cannot join this process's shared pool)."""
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "erde.export.quantize", str(fp32), "--data", str(data), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "erde.export.quantize", "--model", str(fp32), "--data", str(data), "--out", str(out)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise ErdeError(f"erde-quantize {fp32} failed: {r.stderr.strip() or r.stdout.strip()}")
+        raise ErdeError(f"erde-quantize --model {fp32} failed: {r.stderr.strip() or r.stdout.strip()}")
     print(r.stdout.strip())
 
 

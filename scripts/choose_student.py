@@ -22,25 +22,27 @@ Writes --out/{README.md, curves.csv, choice.json, plot.png}.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
+import click
 import numpy as np
 
 from erde.export.exporter import export_checkpoint, sha256_file
+from erde.runtime.common.cli import PATH, POSITIVE, command, command_line, console_script, data_option
 from erde.runtime.tools import calibrate as cal
 from erde.runtime.common import machine
-from erde.runtime.common.datasets import image_folder_split
+from erde.runtime.common.datasets import image_folder_split, validation_files
 from erde.runtime.core.engine import Engine
 from erde.benchmarks.bench_report import figure_png
 from erde.runtime.common.files import write_atomic
-from erde.runtime.core.manifest import load_manifest
+from erde.runtime.core.manifest import default_val_fraction, load_manifest
 from erde.runtime.core.sessions import session_options
 from erde.runtime.tools.profile import ProfileError, find_profile, measure, save_profile
 
@@ -67,7 +69,7 @@ def candidate(spec: str, work: Path, data: Path, threads: int, calls: int, int8:
     except ProfileError:
         prof = measure(engine, calls=calls)
         save_profile(folder, prof)
-    vd = cal.validation_files(data, m.class_names, cal.default_val_fraction(m))
+    vd = validation_files(data, m.class_names, default_val_fraction(m))
     val = cal.validation_probs(engine, vd.files)
     test_folder = image_folder_split(data, "test")
     test = cal.validation_probs(engine, test_folder.files)
@@ -98,7 +100,7 @@ def quantized(folder: Path, out: Path, data: Path, checkpoint_sha256: str) -> Pa
     In a child process: onnxruntime's calibrator opens sessions of its own, which this process's shared thread
     pool would refuse."""
     if not holds(out, checkpoint_sha256):
-        subprocess.run([sys.executable, "-m", "erde.export.quantize", str(folder), "--data", str(data),
+        subprocess.run([sys.executable, "-m", "erde.export.quantize", "--model", str(folder), "--data", str(data),
                         "--out", str(out), "--force"], check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -234,18 +236,20 @@ def readme(cands: List[Dict], choice: Dict, machine_line: str, threads: int, cmd
     return "\n".join(L) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+", help="checkpoints; CHECKPOINT:I keeps only the early exit after block I")
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=3000)
-    ap.add_argument("--bundled", help="the student trained for the chosen candidate (CHECKPOINT[:I]): reported "
-                                      "against every candidate's static point, not part of the choice")
-    ap.add_argument("--int8", action="store_true", help="compare the candidates' int8 copies (erde-quantize)")
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "choice")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "student-choice")
-    args = ap.parse_args(argv)
+@command("python scripts/choose_student.py")
+@click.argument("checkpoints", nargs=-1, required=True)
+@data_option(True, "CIFAR-10 image folder")
+@click.option("--threads", type=POSITIVE, default=1, help="onnxruntime threads (default 1).")
+@click.option("--calls", type=POSITIVE, default=3000, help="Timed calls per graph (default 3000).")
+@click.option("--bundled", help="The student trained for the chosen candidate (CHECKPOINT[:I]): reported against every "
+                                "candidate's static point, not part of the choice.")
+@click.option("--int8", is_flag=True, help="Compare the candidates' int8 copies (erde-quantize).")
+@click.option("--work", type=PATH, default=REPO / "runs" / "choice")
+@click.option("--out", type=PATH, default=REPO / "benchmarks" / "results" / "student-choice")
+def cli(**kw) -> int:
+    """Choose the student to bundle: CHECKPOINTS (CHECKPOINT:I keeps only the early exit after block I) exported,
+    measured and compared on accuracy against latency."""
+    args = SimpleNamespace(**kw)
     session_options(threads=args.threads)  # the process's shared pool at the measured thread count, before exports
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
     choice = choose(cands)
     bundled = (candidate(args.bundled, args.work, args.data, args.threads, args.calls, args.int8)
                if args.bundled else None)
-    cmd = "python scripts/choose_student.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = command_line()
     write_atomic(args.out / "choice.json", json.dumps({"choice": choice, "candidates": [
         {k: v for k, v in c.items() if k not in ("val", "test")} | {"val_exit_accuracy": c["val"]["exit_accuracy"],
                                                                      "test_exit_accuracy": c["test"]["exit_accuracy"]}
@@ -263,6 +267,9 @@ def main(argv=None) -> int:
     write_atomic(args.out / "README.md", readme(cands, choice, machine.describe(), args.threads, cmd, bundled, args.int8))
     print(f"chosen: {choice['chosen']} ({json.dumps(choice['scores'])}); wrote {args.out}")
     return 0
+
+
+main = console_script(cli)
 
 
 if __name__ == "__main__":

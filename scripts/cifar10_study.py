@@ -18,15 +18,14 @@ a fresh clone reuses those whose hash, config and teacher match, and trains the 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,7 +33,9 @@ import numpy as np
 from study_checkpoints import CommittedCheckpoints, defining_args, sha256
 from study_eval import REPO, THRESHOLDS, evaluate, git_commit, latency_profile, load_test_split, machine
 from study_report import write_report
-from erde.runtime.common.cli import Parser, positive_int, run_cli
+import click
+
+from erde.runtime.common.cli import PATH, POSITIVE, command, command_line, console_script, data_option
 from erde.runtime.common.datasets import cache_dir
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.files import write_json_atomic
@@ -249,13 +250,19 @@ def mean_accuracy_over(curve: Sequence[Tuple[float, float]], lo: float, hi: floa
     return float(np.mean(np.interp(np.linspace(lo, hi, steps), macs, acc)))
 
 
+def _budget(name: str) -> str:
+    if name not in BUDGETS:
+        raise click.BadParameter(f"{name!r} is not one of {', '.join(sorted(BUDGETS))}")
+    return name
+
+
 def _seed_list(text: str) -> List[int]:
     try:
         seeds = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as comma-separated integers, e.g. 0,1") from None
+        raise ErdeError(f"{text!r}: give seeds as comma-separated integers, e.g. 0,1") from None
     if len(set(seeds)) != len(seeds) or any(v < 0 for v in seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct non-negative integers")
+        raise ErdeError(f"{text!r}: seeds must be distinct non-negative integers")
     return seeds
 
 
@@ -264,32 +271,32 @@ def student_name(method: str, seed: int, budget: Budget) -> str:
     return method if seed == budget.seed else f"{method}_seed{seed}"
 
 
-def main(argv: Sequence[str] = None) -> int:
-    ap = Parser(prog="python scripts/cifar10_study.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=os.environ.get("ERDE_DATA"),
-                    help="CIFAR-10 image folder with train/ and test/ (env ERDE_DATA)")
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="airbench")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="checkpoints and model folders (default $ERDE_CACHE/study/cifar10-BUDGET, "
-                         "outside the checkout so that a fresh checkout can resume the study)")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="report and committed checkpoints (default benchmarks/results/<the budget's folder>)")
-    ap.add_argument("--threads", type=positive_int, default=2, help="ONNX Runtime threads for the evaluation")
-    ap.add_argument("--profile-threads", type=positive_int, default=1,
-                    help="threads of the latency profiles (batch 1) behind the milliseconds of the report")
-    ap.add_argument("--seeds", type=_seed_list, default=None,
-                    help="student seeds, comma-separated, e.g. 0,1 (default: the budget's); every student "
-                         "is trained once per seed from the one teacher, and the report shows the spread")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+@command("python scripts/cifar10_study.py")
+@data_option(False, "CIFAR-10 image folder with train/ and test/")
+@click.option("--budget", default="airbench", callback=lambda ctx, param, v: _budget(v),
+              help="The study's size: " + ", ".join(sorted(BUDGETS)) + " (default airbench).")
+@click.option("--work", type=PATH, default=None,
+              help="Checkpoints and model folders (default $ERDE_CACHE/study/cifar10-BUDGET, outside the checkout "
+                   "so that a fresh checkout can resume the study).")
+@click.option("--results", type=PATH, default=None,
+              help="Report and committed checkpoints (default benchmarks/results/<the budget's folder>).")
+@click.option("--threads", type=POSITIVE, default=2, help="onnxruntime threads for the evaluation.")
+@click.option("--profile-threads", type=POSITIVE, default=1,
+              help="Threads of the latency profiles (batch 1) behind the milliseconds of the report.")
+@click.option("--seeds", default=None,
+              help="Student seeds, comma-separated, e.g. 0,1 (default: the budget's); every student is trained once "
+                   "per seed from the one teacher, and the report shows the spread.")
+def cli(**kw) -> int:
+    """Teacher, CE, KD and ERDE students on CIFAR-10, exported and measured: the study's report."""
+    args = SimpleNamespace(**kw)
+    args.seeds = _seed_list(args.seeds) if args.seeds else None
+    if args.data is None or not (Path(args.data) / "train").is_dir():
+        raise ErdeError(f"--data {args.data}: not a CIFAR-10 image folder with train/ and test/")
+    run_study(args, command_line())
+    return 0
 
-    def run() -> int:
-        args = ap.parse_args(argv)
-        if args.data is None or not (Path(args.data) / "train").is_dir():
-            raise ErdeError(f"--data {args.data}: not a CIFAR-10 image folder with train/ and test/")
-        run_study(args, " ".join(["python scripts/cifar10_study.py"] + list(argv or sys.argv[1:])))
-        return 0
 
-    return run_cli(run, argv)
+main = console_script(cli)
 
 
 def results_folder(name: str) -> Path:

@@ -13,7 +13,7 @@ root=$PWD
 py=${PYTHON:-python3}
 debs="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libgcc-s1 libstdc++6 zlib1g libexpat1
       libffi8 libssl3 libbz2-1.0 liblzma5 libuuid1"
-wheels="onnxruntime==1.21.1 numpy==2.4.6 Pillow==13.0.0"  # onnxruntime 1.32 does not start under qemu-user
+wheels="onnxruntime==1.21.1 numpy==2.4.6 Pillow==13.0.0 click==8.5.1"  # onnxruntime 1.32 does not start under qemu-user
 cache=${ERDE_CACHE:-$HOME/.cache/erde}/emulated-aarch64
 key=$(printf '%s\n' $debs $wheels | sha256sum | cut -c1-16)
 env_dir=$cache/$key  # the arm64 sysroot and the aarch64 site-packages
@@ -36,7 +36,7 @@ guest() {  # guest ARGS...: run the arm64 python3.11 under qemu-aarch64
 }
 
 command -v qemu-aarch64 > /dev/null || fail "qemu-aarch64 is not on PATH; install it: apt-get install qemu-user"
-mkdir -p "$tmp/pkg/erde" && cp -r "$root/runtime" "$tmp/pkg/erde/runtime"  # this checkout's erde.runtime
+mkdir -p "$tmp/pkg/erde" && cp -r "$root/runtime" "$tmp/pkg/erde/runtime" && cp "$root/erde/__init__.py" "$tmp/pkg/erde/"  # as installed
 t0=$(now)
 if [ -d "$env_dir" ]; then
   setup="$(since "$t0") s (cached)"
@@ -59,7 +59,7 @@ else  # build in $cache/.build-PID and rename it into place, so a killed run nev
     --target "$env_dir/site" $wheels
   echo "python3.11 $(dpkg-deb -f "$tmp"/debs/python3.11-minimal_*.deb Version), $wheels" > "$env_dir/versions"
   step "the emulated Python's first import of onnxruntime, numpy and PIL" \
-    guest -c "import onnxruntime, numpy, PIL"
+    guest -c "import onnxruntime, numpy, PIL, click"
   find "$cache" -mindepth 1 -maxdepth 1 -name '[!.]*' ! -name "$key" -exec rm -rf {} +  # other versions' copies
   mv -T "$env_dir" "$cache/$key" 2> /dev/null || rm -rf "$env_dir"  # a concurrent run may have won: use its copy
   env_dir=$cache/$key
@@ -69,7 +69,7 @@ fi
 failed=()
 for m in cifar10 cifar10-int8; do
   t0=$(now)
-  if out=$(ERDE_CACHE="$tmp/erde-cache" guest -m erde.runtime.tools.verify_cli "$root/runtime/models/$m" --threads 1 2>&1)
+  if out=$(ERDE_CACHE="$tmp/erde-cache" guest -m erde.runtime.tools.verify_cli --model "$root/runtime/models/$m" --threads 1 2>&1)
   then verdict=passed; else verdict=FAILED; failed+=("$m"); fi
   checks=$(grep -E '^  (✓|✗) ' <<< "$out" | sed -E 's/^  //; s/ \((at least|at most) [^)]*\)$//' | paste -sd ';' - |
            sed 's/;/; /g' || true)

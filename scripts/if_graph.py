@@ -1,6 +1,6 @@
 """Probe: the one-graph batch-1 path (early_exit.onnx, nested If nodes) against the segment chain.
 
-    python scripts/if_graph.py MODEL_DIR [--threads 1] [--calls 3000]
+    python scripts/if_graph.py --model DIR [--threads 1] [--calls 3000]
 
 Copies the model folder, adds early_exit.onnx with the exporter's own builder
 (``erde.export.early_exit_graph``), checks it against the chain, and times at batch 1, interleaved:
@@ -10,17 +10,22 @@ full.onnx, each path with every segment running, and each path leaving at exit 1
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 from erde.export.early_exit_graph import write_early_exit_graph
+from erde.runtime.common.cli import POSITIVE, command, console_script, model_option
+from erde.runtime.common.errors import ErdeError
 from erde.runtime.core.engine import Engine
+from erde.runtime.tools.run_cli import model_folder
 from erde.runtime.core.manifest import load_manifest, save_manifest
 
 
@@ -36,12 +41,14 @@ def _time(fn, calls: int) -> float:
     return min(best)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=3000)
-    args = ap.parse_args()
+@command("python scripts/if_graph.py")
+@model_option
+@click.option("--threads", type=POSITIVE, default=1, help="onnxruntime threads (default 1).")
+@click.option("--calls", type=POSITIVE, default=3000, help="Timed calls per method (default 3000).")
+def cli(**kw) -> None:
+    """early_exit.onnx (one graph with If nodes) against the segment chain of a model folder."""
+    args = SimpleNamespace(**kw)
+    args.model_dir = model_folder(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(args.model_dir, folder)
@@ -50,7 +57,7 @@ def main() -> None:
         single = Engine.load(folder, threads=args.threads)
         chain = Engine.load(args.model_dir, threads=args.threads)
         if chain.single_graph:
-            raise SystemExit(f"{args.model_dir} already has early_exit.onnx; pass a folder exported without it")
+            raise ErdeError(f"{args.model_dir} already has early_exit.onnx; pass a folder exported without it")
         x = np.random.default_rng(0).standard_normal((1,) + chain._input_shape).astype(np.float32)
         probs, k = single.single_graph_probs(x, single.num_exits - 1)
         diff = float(np.abs(probs - chain.exit_probs(x)[-1]).max())
@@ -65,5 +72,8 @@ def main() -> None:
             print(f"{name:30s} {us:8.1f} us  {us / full:5.2f}x full.onnx")
 
 
+main = console_script(cli)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,17 +15,19 @@ is not. Needs openvino and torch; run it on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-from erde.runtime.common.cli import Parser, positive_int, run_cli
+import click
+
+from erde.runtime.common.cli import PATH, POSITIVE, command, command_line, console_script, data_option
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "benchmarks" / "results" / "bundle-student" / "student_w16_erde40_seed1.pt"
@@ -156,19 +158,21 @@ def measure(data: Path, threads: int, images: int, block: int = 500) -> dict:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/peer_bench.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--threads", default="1,2", help="thread counts, one fresh process each (default 1,2)")
-    ap.add_argument("--images", type=positive_int, default=10000)
-    ap.add_argument("--out", type=Path, help="record folder to write (all thread counts)")
-    ap.add_argument("--one", type=positive_int, help=argparse.SUPPRESS, default=None)  # one thread count's child
-    ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _run(args, argv), argv)
+@command("python scripts/peer_bench.py")
+@data_option(True, "CIFAR-10 image folder")
+@click.option("--threads", default="1,2", help="Thread counts, one fresh process each (default 1,2).")
+@click.option("--images", type=POSITIVE, default=10000, help="Test images (default 10000).")
+@click.option("--out", type=PATH, help="Record folder to write (all thread counts).")
+@click.option("--one", type=POSITIVE, default=None, hidden=True)  # one thread count's child process
+def cli(**kw) -> int:
+    """onnxruntime, OpenVINO and PyTorch eager on the same graphs, weights and exit rule."""
+    return _run(SimpleNamespace(**kw), command_line())
 
 
-def _run(args, argv) -> int:
+main = console_script(cli)
+
+
+def _run(args, command: str) -> int:
     if args.one:  # the child process of one thread count: JSON on stdout
         print(json.dumps(measure(args.data, args.one, args.images)))
         return 0
@@ -188,7 +192,7 @@ def _run(args, argv) -> int:
     import torch
 
     lines = ["# Peers: the same student on what a user could run instead", "",
-             f"`python scripts/peer_bench.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"`{command}`", "",
              f"Machine: {machine.describe()}; onnxruntime {onnxruntime.__version__}, OpenVINO "
              f"{openvino.__version__.split('-')[0]}, torch {torch.__version__}. Batch 1, {args.images} CIFAR-10 test "
              "images (preprocessed once), every method on every image, interleaved rounds of 500; early exit at "

@@ -1,6 +1,6 @@
 """How much does cutting a model into chained ONNX Runtime sessions cost, per thread-pool policy?
 
-    python scripts/session_chain.py MODEL_DIR [--threads 1 2] [--repeats 2000]
+    python scripts/session_chain.py --model DIR [--threads 1,2] [--repeats 2000]
 
 For each policy (one shared global pool; per-session pools without spinning; per-session pools
 with onnxruntime's default spinning) and thread count, each in a fresh process (the global pool is
@@ -10,17 +10,19 @@ test, no engine) against ``full.onnx``, and prints the median latencies and thei
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
-from erde.runtime.common.cli import Parser, positive_int, run_cli
+import click
+
+from erde.runtime.common.cli import POSITIVE, UsageError, command, console_script, model_option
+from erde.runtime.tools.run_cli import model_folder
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.core.manifest import load_manifest
 
@@ -72,17 +74,28 @@ def measure(model_dir: Path, policy: str, threads: int, repeats: int) -> dict:
             "ratio": chain_us / full_us}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/session_chain.py", description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=positive_int, default=2000)
-    ap.add_argument("--one", nargs=2, metavar=("POLICY", "THREADS"), help=argparse.SUPPRESS)
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    return run_cli(lambda: _run(ap.parse_args(argv)), argv)
+@command("python scripts/session_chain.py")
+@model_option
+@click.option("--threads", default="1,2", help="Thread counts, comma-separated (default 1,2).")
+@click.option("--repeats", type=POSITIVE, default=2000, help="Timed calls (default 2000).")
+@click.option("--one", nargs=2, default=None, hidden=True)  # POLICY THREADS: one measurement's child process
+def cli(**kw) -> int:
+    """The segment chain against full.onnx under each session policy, one process per measurement."""
+    args = SimpleNamespace(**kw)
+    args.model_dir = model_folder(args.model)
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")]
+        if min(args.threads) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--threads {args.threads!r}: expected comma-separated integers, e.g. 1,2") from None
+    return _run(args)
 
 
-def _run(args: argparse.Namespace) -> int:
+main = console_script(cli)
+
+
+def _run(args) -> int:
     if args.one:
         print(json.dumps(measure(args.model_dir, args.one[0], int(args.one[1]), args.repeats)))
         return 0
@@ -90,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'policy':8} threads  full.onnx (p50)  segment chain (p50)  chain / full")
     for policy in POLICIES:
         for t in args.threads:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(args.model_dir),
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--model", str(args.model_dir),
                                    "--repeats", str(args.repeats), "--one", policy, str(t)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:

@@ -61,7 +61,7 @@ def latency_profile(model_dir: Path, threads: int, calls: int = 1000):
         return find_profile(model_dir, load_manifest(model_dir), threads)
     except ProfileError:
         pass
-    r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", str(model_dir), "--threads", str(threads),
+    r = subprocess.run([sys.executable, "-m", "erde.runtime.tools.profile_cli", "--model", str(model_dir), "--threads", str(threads),
                         "--calls", str(calls)], capture_output=True, text=True)
     if r.returncode != 0:
         raise ErdeError(f"erde-profile {model_dir} --threads {threads} failed: {r.stderr.strip()}")

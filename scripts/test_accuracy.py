@@ -1,6 +1,6 @@
 """Test-split accuracy of a model folder at its calibrated threshold, per exit and of full.onnx, on this CPU.
 
-    python scripts/test_accuracy.py MODEL_DIR --data ../shared/datasets/cifar10
+    python scripts/test_accuracy.py --model DIR --data ../shared/datasets/cifar10
 
 Torch-free. Under an emulator it tells whether a CPU kind gives the answers the folder was built with, e.g. an
 x86 CPU without VNNI: ``qemu-x86_64 -cpu Haswell-noTSX .venv/bin/python scripts/test_accuracy.py ...``.
@@ -11,20 +11,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
-from erde.runtime.common.cli import Parser, run_cli
+
+from erde.runtime.common.cli import command, console_script, data_option, model_option
+from erde.runtime.tools.run_cli import model_folder
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/test_accuracy.py", description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--data", type=Path, required=True, help="image folder with test/<class>/*")
-    ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _run(args), argv)
+@command("python scripts/test_accuracy.py")
+@model_option
+@data_option(True, "Image folder with test/<class>/*")
+def cli(**kw) -> int:
+    """Accuracy of a model folder on all test images at its own threshold (one JSON object on stdout)."""
+    args = SimpleNamespace(**kw)
+    args.model_dir = model_folder(args.model)
+    return _run(args)
+
+
+main = console_script(cli)
 
 
 def _run(args) -> int:

@@ -15,31 +15,37 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 
-from erde.runtime.common.cli import Parser, run_cli
+import click
+
+from erde.runtime.common.cli import PATH, command, command_line, console_script, data_option
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = np.round(np.arange(0.0, 1.0001, 0.05), 2)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/unsure_report.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--model", type=Path, action="append", help="model folder (default: both bundled ones)")
-    ap.add_argument("--photos", type=Path, default=ROOT / "tests" / "data" / "photos.npz")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _run(args, argv), argv)
+@command("python scripts/unsure_report.py")
+@data_option(True, "CIFAR-10 image folder")
+@click.option("--model", type=PATH, multiple=True, help="Model folder, repeatable (default: both bundled ones).")
+@click.option("--photos", type=PATH, default=ROOT / "tests" / "data" / "photos.npz", help="Non-CIFAR photos (.npz).")
+@click.option("--out", type=PATH, required=True, help="Record folder to write.")
+def cli(**kw) -> int:
+    """How often the "unsure" floor answers, and how right the answers are, on validation, test and photos."""
+    return _run(SimpleNamespace(**kw), command_line())
 
 
-def _run(args, argv) -> int:
+main = console_script(cli)
+
+
+def _run(args, command: str) -> int:
     from erde.runtime import bundled_model
     from erde.runtime.common import machine
-    from erde.runtime.tools.calibrate import default_val_fraction, validation_files, validation_probs
+    from erde.runtime.common.datasets import validation_files
+    from erde.runtime.core.manifest import default_val_fraction
+    from erde.runtime.tools.calibrate import validation_probs
     from erde.runtime.common.datasets import image_folder_split
     from erde.runtime.core.engine import Engine
     from erde.runtime.common.errors import ErdeError
@@ -79,7 +85,7 @@ def _run(args, argv) -> int:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([["model", "split", "floor", "coverage", "accuracy_answered"]] + rows)
     head = ["# The \"unsure\" floor, measured", "",
-            f"`python scripts/unsure_report.py {' '.join(argv or sys.argv[1:])}`", "",
+            f"`{command}`", "",
             f"Machine: {machine.describe()}. The floor was chosen on the validation split only (`erde-calibrate "
             "--unsure-coverage`); the test split and the photos were read afterwards. `curve.csv` holds coverage "
             "against accuracy on the answered images at floors 0 to 1 in steps of 0.05, on both splits.", ""]

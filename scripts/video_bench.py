@@ -16,9 +16,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from types import SimpleNamespace
+from typing import Sequence
 
-from erde.runtime.common.cli import Parser, positive_int, run_cli
+import click
+
+from erde.runtime.common.cli import PATH, POSITIVE, command, command_line, console_script, data_option
 
 SIZES = ((320, 240), (640, 480))
 MODELS = ("cifar10", "cifar10-int8")
@@ -33,19 +36,21 @@ def make_video(files: Sequence[Path], size, path: Path) -> None:
     w.release()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = Parser(prog="python scripts/video_bench.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--frames", type=positive_int, default=1000)
-    ap.add_argument("--rounds", type=positive_int, default=3)
-    ap.add_argument("--threads", type=positive_int, default=1)
-    ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    return run_cli(lambda: _run(args, argv), argv)
+@command("python scripts/video_bench.py")
+@data_option(True, "CIFAR-10 image folder")
+@click.option("--out", type=PATH, required=True, help="Record folder to write.")
+@click.option("--frames", type=POSITIVE, default=1000, help="Frames per video (default 1000).")
+@click.option("--rounds", type=POSITIVE, default=3, help="Interleaved rounds (default 3).")
+@click.option("--threads", type=POSITIVE, default=1, help="onnxruntime threads (default 1).")
+def cli(**kw) -> int:
+    """Frames per second of erde-run --video, decode and preprocess and inference apart."""
+    return _run(SimpleNamespace(**kw), command_line())
 
 
-def _run(args, argv) -> int:
+main = console_script(cli)
+
+
+def _run(args, command: str) -> int:
     from erde.runtime import bundled_model
     from erde.runtime.common import machine
     from erde.runtime.common.datasets import image_folder_split
@@ -69,7 +74,7 @@ def _run(args, argv) -> int:
                         raise ErdeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
                     results.setdefault((s, m), []).append(json.loads(r.stdout.splitlines()[-1])["summary"])
     lines = ["# Video frames: where the time goes", "",
-             f"`python scripts/video_bench.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"`{command}`", "",
              f"Machine: {machine.describe()}; {args.threads} thread(s), batch 1, {len(files)} frames per video "
              "(CIFAR-10 test images upscaled with OpenCV, MJPG), each frame one `erde-run --video` frame; median of "
              f"{args.rounds} interleaved rounds by frames per second. Milliseconds per frame, mean (p95).", "",

@@ -149,9 +149,9 @@ def random_image(height: int = 12, width: int = 10, seed: int = 2) -> np.ndarray
 
 
 def torch_blocked_env(tmp_path: Path) -> dict:
-    """Environment in which ``import torch`` (and click, onnx) fails, as on a board with the runtime only."""
+    """Environment in which ``import torch`` (and onnx) fails, as on a board with the runtime only."""
     blocked = Path(tmp_path) / "blocked"
-    for name in ("torch", "click", "onnx"):
+    for name in ("torch", "onnx"):
         (blocked / name).mkdir(parents=True, exist_ok=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))

@@ -34,7 +34,7 @@ def test_needs_the_study_first(tmp_path, capsys):
     assert err.startswith("Error:") and "none.pt: no such checkpoint" in err and len(err.splitlines()) == 1
     assert bundle_model.main(["--calibrate-threads", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("Error: argument --calibrate-threads") and len(err.splitlines()) == 1
+    assert err.startswith("Error: Invalid value for '--calibrate-threads'") and len(err.splitlines()) == 1
 
 
 def test_the_student_is_exported_in_another_process(tiny_student, tmp_path):

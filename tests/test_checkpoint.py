@@ -69,7 +69,7 @@ def test_truncated_checkpoint(tmp_path):
 
 
 def test_compact_checkpoint_loads_and_predicts_like_the_original(tiny_teacher, tmp_path):
-    from erde.training.cli import main as cli_main
+    from erde.training.cli import cli as cli_main
     from click.testing import CliRunner
 
     out = tmp_path / "small.pt"

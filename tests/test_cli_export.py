@@ -6,7 +6,7 @@ import sys
 import torch
 from click.testing import CliRunner
 
-from erde.export.cli import main
+from erde.export.cli import cli as main
 
 
 def _run(args):

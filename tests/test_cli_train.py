@@ -22,17 +22,18 @@ def test_teacher_checkpoint_carries_everything(tiny_teacher):
     assert ckpt["train_args"]["loss"]["name"] == "ce"
 
 
-def test_student_learns_from_teacher_and_eval_writes_json(tiny_student, tiny_data, tmp_path):
+def test_student_learns_from_teacher_and_eval_prints_json(tiny_student, tiny_data, tmp_path):
     ckpt = read_checkpoint(tiny_student)
     assert ckpt["kind"] == "student" and ckpt["train_args"]["loss"]["name"] == "erde"
-    out = tmp_path / "eval.json"
-    r = train_cli(["eval", tiny_student, "--data", tiny_data, "--split", "test", "--json", out])
+    r = train_cli(["eval", tiny_student, "--data", tiny_data, "--split", "test", "--json"])
     assert r.exit_code == 0, r.output
-    result = json.loads(out.read_text())
+    result = json.loads(r.stdout)  # --json: JSON on stdout, as in every command
     assert result["images"] == 36 and len(result["exit_accuracy"]) == 4
     assert max(result["exit_accuracy"]) > 0.5  # colours are easy: far above chance (1/3)
     mp = result["sweeps"]["max-prob"]
     assert all(abs(sum(p["exit_shares"]) - 1) < 1e-9 for p in mp)
+    assert "max-prob" in result["sweeps"] and "entropy" in result["sweeps"]
+    r = train_cli(["eval", tiny_student, "--data", tiny_data, "--split", "test"])
     assert "max-prob" in r.output and "entropy" in r.output
 
 

@@ -211,7 +211,7 @@ def save_then_die(ckpt, path):
     raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
 train_mod.save_checkpoint = save_then_die
-main()
+raise SystemExit(main())
 """
 
 

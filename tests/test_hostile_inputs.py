@@ -79,13 +79,13 @@ def test_every_command_gives_one_line_for_a_bad_option(script):
 
 @pytest.mark.parametrize("script,args", [
     ("erde-run", ["--model", "missing-folder", "--image", "x.png"]),
-    ("erde-calibrate", ["missing-folder", "--data", "missing-data"]),
-    ("erde-bench", ["missing-folder", "--images", "missing-images"]),
+    ("erde-calibrate", ["--model", "missing-folder", "--data", "missing-data"]),
+    ("erde-bench", ["--model", "missing-folder", "--images", "missing-images"]),
     ("erde-train", ["teacher", "--data", "missing-data", "--out", "t.pt"]),
     ("erde-export", ["missing.pt"]),
-    ("erde-profile", ["missing-folder"]),
-    ("erde-quantize", ["missing-folder", "--data", "missing-data", "--out", "q"]),
-    ("erde-verify", ["missing-folder"]),
+    ("erde-profile", ["--model", "missing-folder"]),
+    ("erde-quantize", ["--model", "missing-folder", "--data", "missing-data", "--out", "q"]),
+    ("erde-verify", ["--model", "missing-folder"]),
 ])
 def test_every_command_gives_one_line_for_a_failing_input(script, args, tmp_path):
     one_error_line(run(script, *[str(tmp_path / a) if "missing" in a else a for a in args]))
@@ -127,13 +127,13 @@ def test_export_force_does_not_take_a_stray_manifest_as_proof(tiny_student, tmp_
 
 def test_force_refuses_a_file_a_user_added_to_an_export(exported, tiny_data, tmp_path):
     out = tmp_path / "q"
-    args = [exported[0], "--data", tiny_data, "--out", out, "--images", "8"]
+    args = ["--model", exported[0], "--data", tiny_data, "--out", out, "--max-images", "8"]
     assert run("erde-quantize", *args, timeout=120).returncode == 0
     (out / "notes.txt").write_text("mine")
     line = one_error_line(run("erde-quantize", *args, "--force", timeout=120))
     assert "notes.txt, which erde did not write" in line and (out / "notes.txt").exists()
     d = _foreign_folder(tmp_path)
-    one_error_line(run("erde-quantize", exported[0], "--data", tiny_data, "--out", d, "--force"))
+    one_error_line(run("erde-quantize", "--model", exported[0], "--data", tiny_data, "--out", d, "--force"))
     assert (d / "precious.txt").read_text() == "mine"
 
 

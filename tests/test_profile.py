@@ -167,7 +167,7 @@ def test_expected_latency_matches_measured_within_the_spread(model):
 
 
 def test_erde_profile_writes_a_profile_that_erde_run_shows(model, capsys, tmp_path):
-    assert profile_main([str(model), "--threads", "1", "--calls", "100"]) == 0
+    assert profile_main(["--model", str(model), "--threads", "1", "--calls", "100"]) == 0
     out = capsys.readouterr().out
     assert "all segments cost" in out and PROFILE_NAME in out
     img = tmp_path / "x.png"
@@ -189,12 +189,12 @@ def test_erde_run_warns_about_a_foreign_profile_and_still_runs(model, capsys, tm
 
 
 def test_calibrate_budget_ms_needs_a_profile_of_this_machine(model, data, capsys):
-    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
+    rc = calibrate_main(["--model", str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 2 and err.startswith("Error: ") and "no latency profile" in err and err.count("\n") == 1
     engine = Engine.load(model, threads=1)
     save_profile(model, _fake(engine, machine=MachineKey("Another CPU", 2, 1, "1.32.0")))
-    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
+    rc = calibrate_main(["--model", str(model), "--data", str(data), "--budget-ms", "1", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 2 and "Another CPU" in err
 
@@ -202,13 +202,13 @@ def test_calibrate_budget_ms_needs_a_profile_of_this_machine(model, data, capsys
 def test_calibrate_in_milliseconds(model, data, capsys):
     engine = Engine.load(model, threads=1)
     save_profile(model, _fake(engine))
-    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "0.05", "--threads", "1"])
+    rc = calibrate_main(["--model", str(model), "--data", str(data), "--budget-ms", "0.05", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 1 and "none meets" not in err and "closest" in err and "expected 0.1" in err  # under exit 1's cost
-    rc = calibrate_main([str(model), "--data", str(data), "--budget-ms", "0.2", "--threads", "1", "--json"])
+    rc = calibrate_main(["--model", str(model), "--data", str(data), "--budget-ms", "0.2", "--threads", "1", "--json"])
     d = json.loads(capsys.readouterr().out)
     assert rc == 0 and d["calibration"]["val_expected_ms"] <= 0.2 and d["profile"]
-    rc = calibrate_main([str(model), "--data", str(data), "--threads", "1"])  # accuracy-drop, now in ms
+    rc = calibrate_main(["--model", str(model), "--data", str(data), "--threads", "1"])  # accuracy-drop, now in ms
     out = capsys.readouterr().out
     assert rc == 0 and "cost: expected latency" in out
     header = (model / "calibration.csv").read_text().splitlines()[0]
@@ -216,7 +216,7 @@ def test_calibrate_in_milliseconds(model, data, capsys):
 
 
 def test_erde_profile_console_script_bad_model(tmp_path):
-    r = subprocess.run(console_command("erde-profile", "erde.runtime.tools.profile_cli") + [str(tmp_path / "nope")],
+    r = subprocess.run(console_command("erde-profile", "erde.runtime.tools.profile_cli") + ["--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and r.stderr.count("\n") == 1
 

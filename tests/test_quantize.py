@@ -22,7 +22,7 @@ from runtime_fixtures import console_command, torch_blocked_env
 @pytest.fixture(scope="module")
 def int8(exported, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int8"
-    assert main([str(exported[0]), "--data", str(tiny_data), "--out", str(out), "--images", "12"]) == 0
+    assert main(["--model", str(exported[0]), "--data", str(tiny_data), "--out", str(out), "--max-images", "12"]) == 0
     return out
 
 
@@ -48,7 +48,7 @@ def test_erde_run_runs_an_int8_folder_with_torch_blocked(int8, tiny_data, tmp_pa
 
 
 def _one_error(capsys, argv):
-    assert main([str(a) for a in argv]) == 2
+    assert main(["--model"] + [str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
     return err
@@ -120,7 +120,7 @@ def test_quantize_only_reads_its_input_even_read_only(exported, tiny_data, tmp_p
     for p in [src, *src.iterdir()]:
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
-        assert main([str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--images", "8"]) == 0
+        assert main(["--model", str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--max-images", "8"]) == 0
     finally:
         src.chmod(0o755)
     assert _snapshot(src) == before
@@ -137,19 +137,19 @@ def test_a_kill_at_any_point_leaves_the_input_and_no_temporary_files(exported, t
     cmd = console_command("erde-quantize", "erde.export.quantize")
     for delay in (1.5, 3.5):  # during the fp32 sessions and calibration, then during a graph's quantization
         p = subprocess.Popen(cmd + [str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--force",
-                                    "--images", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "--max-images", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert _snapshot(src) == before, delay
         assert not [q for q in tmpdir.iterdir() if q.name.startswith("ort.quant")], delay
-    assert main([str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--force", "--images", "8"]) == 0
+    assert main(["--model", str(src), "--data", str(tiny_data), "--out", str(tmp_path / "q"), "--force", "--max-images", "8"]) == 0
     assert sorted(q.name for q in tmp_path.iterdir()) == ["q", "src", "tmpdir"]  # the killed runs' folders are gone
 
 
 def test_without_onnx_the_error_names_the_extra(exported, tiny_data, tmp_path):
     r = subprocess.run(console_command("erde-quantize", "erde.export.quantize")
-                       + [str(exported[0]), "--data", str(tiny_data), "--out", str(tmp_path / "q")],
+                       + ["--model", str(exported[0]), "--data", str(tiny_data), "--out", str(tmp_path / "q")],
                        capture_output=True, text=True, env=torch_blocked_env(tmp_path), timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert "erde[quantize]" in r.stderr and not (tmp_path / "q").exists()

@@ -22,11 +22,12 @@ from runtime_fixtures import console_command, make_model_folder
 MODELS = Path(__file__).resolve().parents[1] / "runtime" / "models"
 
 
-def verify_cli(*args, prefix=(), timeout=120):
+def verify_cli(model, *args, prefix=(), timeout=120):
     """erde-verify; under ``prefix`` (an emulator) the Python binary itself, since qemu-user runs ELF files."""
     cmd = [sys.executable, "-m", "erde.runtime.tools.verify_cli"] if prefix else console_command("erde-verify",
                                                                                            "erde.runtime.tools.verify_cli")
-    return subprocess.run(list(prefix) + cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(list(prefix) + cmd + ["--model", str(model)] + [str(a) for a in args], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _alter_weights(src: Path, dst: Path, scale: float = 1.5) -> Path:

@@ -10,7 +10,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 def test_one_measurement_in_a_fresh_process(tmp_path):
     model = make_model_folder(tmp_path)
-    out = subprocess.run([sys.executable, str(SCRIPTS / "session_chain.py"), str(model), "--repeats", "5",
+    out = subprocess.run([sys.executable, str(SCRIPTS / "session_chain.py"), "--model", str(model), "--repeats", "5",
                           "--one", "no-spin", "1"], capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     assert r["policy"] == "no-spin" and r["threads"] == 1
@@ -20,8 +20,8 @@ def test_one_measurement_in_a_fresh_process(tmp_path):
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     from session_chain import main
 
-    for argv, start in (([str(tmp_path / "nope")], "Error: "), ([str(tmp_path), "--threads", "0"],
-                                                                "Error: argument --threads")):
+    for argv, start in ((["--model", str(tmp_path / "nope")], "Error: "), (["--model", str(tmp_path), "--threads", "0"],
+                                                                          "Error: --threads")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(start) and len(err.splitlines()) == 1, err

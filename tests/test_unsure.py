@@ -37,7 +37,7 @@ def data(tmp_path):
 
 def test_calibrate_chooses_the_floor_on_validation_and_erde_run_says_unsure(tmp_path, data, capsys):
     model = make_model_folder(tmp_path, head_scales=(0.5, 1.0, 3.0))
-    assert calibrate_main([str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5",
+    assert calibrate_main(["--model", str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5",
                            "--unsure-coverage", "0.5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     u = load_manifest(model).unsure
@@ -57,7 +57,7 @@ def test_calibrate_chooses_the_floor_on_validation_and_erde_run_says_unsure(tmp_
     assert run_main(["--model", str(model), "--folder", str(images), "--threads", "1", "--no-reject"]) == 0
     assert ": unsure" not in capsys.readouterr().out
     # Calibrating again without the option keeps the target and chooses the floor again.
-    assert calibrate_main([str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5"]) == 0
+    assert calibrate_main(["--model", str(model), "--data", str(data), "--max-drop", "50", "--val-fraction", "0.5"]) == 0
     assert load_manifest(model).unsure.target_value == 0.5
 
 

@@ -38,6 +38,6 @@ def train_cli(args):
     """Run ``erde-train`` in this process; returns click's Result (exit_code, output)."""
     from click.testing import CliRunner
 
-    from erde.training.cli import main
+    from erde.training.cli import cli as main
 
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

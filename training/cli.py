@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -10,12 +11,11 @@ import click
 import torch
 
 from erde.runtime.core.criteria import CRITERIA, sweep
+from erde.runtime.common.cli import debug_option, console_script, group, json_option
 from erde.runtime.common.errors import ErdeError
-from erde.runtime.core.manifest import write_json_atomic
 
 from . import distributed
 from .checkpoint import compact, load_model, read_checkpoint, save_checkpoint
-from .cliutil import debug_option, friendly_errors, run_click, version_option
 from .data import load_split, to_tensor
 from .evaluate import DEFAULT_THRESHOLDS, exit_probs, per_exit_accuracy
 from .losses import LOSSES, LossConfig
@@ -74,9 +74,8 @@ def _data_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@version_option("erde-train")
-def main() -> None:
+@group("erde-train")
+def cli() -> None:
     """Train early-exit CNNs with Entropy-Regularized Distillation (ERDE)."""
 
 
@@ -93,13 +92,12 @@ def _device_config(device: str, amp: str, sync_bn: bool) -> DeviceConfig:
     return DeviceConfig(dev, amp, channels_last=dev.type == "cuda")
 
 
-@main.command()
+@cli.command()
 @click.option("--arch", default="resnet56_ee", show_default=True, type=click.Choice(list_archs()))
 @_data_options
-@friendly_errors
 @distributed.errors_from_rank0
 def teacher(arch, data_path, out, exits, recipe, epochs, batch_size, lr, weight_decay, clip_grad, label_smoothing,
-            limit, val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, dist=None):
+            limit, val_fraction, seed, threads, device, amp, sync_bn, dist_timeout, resume, force, quiet, debug=False, dist=None):
     """Train an early-exit teacher with cross-entropy at every exit.
 
     Under torchrun (torchrun --nproc_per_node N -m erde.training.cli teacher ...) it trains with
@@ -131,7 +129,7 @@ def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
         raise ErdeError(f"--exit-weights {text!r}: expected numbers separated by commas, e.g. 1,1,1,1") from None
 
 
-@main.command()
+@cli.command()
 @click.option("--teacher", "teacher_path", required=True, type=click.Path(path_type=Path),
               help="Teacher checkpoint from 'erde-train teacher'.")
 @click.option("--loss", type=click.Choice(LOSSES), default="erde", show_default=True)
@@ -142,11 +140,10 @@ def _parse_weights(text: Optional[str]) -> Tuple[float, ...]:
 @click.option("--temperature", default=4.0, show_default=True, type=float, help="Distillation temperature T.")
 @click.option("--exit-weights", default=None, help="Comma-separated loss weight per exit (default: 1 each).")
 @_data_options
-@friendly_errors
 @distributed.errors_from_rank0
 def student(teacher_path, loss, arch, alpha, beta, temperature, exit_weights, data_path, out, exits, recipe, epochs,
             batch_size, lr, weight_decay, clip_grad, label_smoothing, limit, val_fraction, seed, threads, device, amp,
-            sync_bn, dist_timeout, resume, force, quiet, dist=None):
+            sync_bn, dist_timeout, resume, force, quiet, debug=False, dist=None):
     """Train an early-exit student from a teacher with the ce, kd or erde loss (torchrun: as for teacher)."""
     with distributed.same_on_every_rank():
         tcfg, label_smoothing = train_config(recipe, seed, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -192,13 +189,12 @@ def evaluate_checkpoint(path: Path, data_path: Path, split: str, criteria: List[
     return result
 
 
-@main.command("compact")
+@cli.command("compact")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite an existing OUT.")
 @debug_option
-@friendly_errors
-def compact_cmd(checkpoint, out, force):
+def compact_cmd(checkpoint, out, force, debug):
     """A finished checkpoint in a form to commit: float16 weights, no optimizer state (a few MB at most)."""
     if out.suffix != ".pt":
         raise ErdeError(f"{out}: the checkpoint name must end in .pt")
@@ -210,20 +206,22 @@ def compact_cmd(checkpoint, out, force):
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
-@main.command("eval")
+@cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", envvar="ERDE_DATA", required=True, type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="val: the held-out part of train used for tuning; test: only for final numbers.")
 @click.option("--criterion", type=click.Choice(list(CRITERIA) + ["all"]), default="all", show_default=True)
 @click.option("--thresholds", default=None, help="Comma-separated thresholds (default: a standard list).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results to this JSON file.")
+@json_option("the results")
 @debug_option
-@friendly_errors
-def eval_cmd(checkpoint, data_path, split, criterion, thresholds, json_out):
+def eval_cmd(checkpoint, data_path, split, criterion, thresholds, as_json, debug):
     """Per-exit accuracy and accuracy / mean MACs at exit thresholds (PyTorch)."""
     criteria = list(CRITERIA) if criterion == "all" else [criterion]
     r = evaluate_checkpoint(checkpoint, data_path, split, criteria, thresholds)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
     click.echo(f"{checkpoint} on {split} ({r['images']} images); MACs = multiply-accumulates per image")
     click.echo("exit  accuracy  cumulative MACs")
     for k, (a, m) in enumerate(zip(r["exit_accuracy"], r["cumulative_macs"])):
@@ -235,15 +233,10 @@ def eval_cmd(checkpoint, data_path, split, criterion, thresholds, json_out):
             shares = " ".join(f"{s:.2f}" for s in p["exit_shares"])
             click.echo(f"{p['threshold']:>9g}  {p['accuracy'] * 100:7.2f}%  {p['mean_macs'] / 1e6:7.2f}M  "
                        f"{p['macs_fraction'] * 100:6.1f}%   {shares}")
-    if json_out:
-        write_json_atomic(json_out, r)
-        click.echo(f"wrote {json_out}")
 
 
-def entry(argv=None) -> int:
-    """Console script: the one-line error contract for click's own usage errors too."""
-    return run_click(main, argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

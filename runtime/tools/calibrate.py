@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core import criteria
-from ..common.datasets import DEFAULT_VAL_FRACTION, ValidationData, validation_files  # noqa: F401 (used by the tools)
+from ..common.datasets import ValidationData, validation_files
 from ..common.files import write_atomic
 from ..common.ownership import check_updatable, record_files
 from ..common.errors import ErdeError

@@ -7,17 +7,21 @@ folder, data, or a latency budget without a profile of this machine).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, TextIO
+from types import SimpleNamespace
+from typing import TextIO
+
+import click
 
 from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
                         Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
-from ..common.cli import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
+from ..common.cli import (FINITE, PATH, UsageError, command, data_option, console_script, exclusive, force_option, json_option,
+                          model_option, no_verify_option, threads_option)
+from .run_cli import model_folder
 from ..common.errors import ErdeError
 from ..core.criteria import RULES
 from ..core.manifest import CRITERIA, load_manifest
@@ -25,45 +29,45 @@ from ..common.ownership import MODEL_TOOLS, build_folder, check_replaceable
 from ..core.selftest import SELFTEST_NAME
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-calibrate",
-                description="Choose the exit threshold of a model folder on the validation split of its training "
-                            "data, and store it in the manifest (erde-run uses it when --threshold is not given).")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by erde-export")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="the image folder the model was trained on: PATH/train/<class>/*.png")
-    p.add_argument("--criterion", choices=CRITERIA + ("all",), default="all",
-                   help="exit rule to calibrate (" + "; ".join(RULES.values()) + "); all: calibrate each, keep the best (default all)")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--max-drop", type=finite_number, metavar="P",
-                        help="lowest cost (expected latency with a profile, else MACs) losing at most P points of "
-                             "val accuracy against the final exit (default 0.5), at --confidence")
-    target.add_argument("--mac-budget", type=finite_number, metavar="F",
-                        help="most accurate threshold with mean MACs <= F x full MACs, F in (0, 1.5]")
-    target.add_argument("--budget-ms", type=finite_number, metavar="MS",
-                        help="most accurate threshold whose expected batch-1 latency on this machine is at most MS "
-                             "milliseconds (needs a latency profile: erde-profile MODEL_DIR --threads N)")
-    p.add_argument("--confidence", type=finite_number, default=DEFAULT_CONFIDENCE, metavar="C",
-                   help="with --max-drop: the drop's one-sided upper bound at level C (paired over the validation "
-                        f"images) must stay within P; 0.5 = the point estimate (default {DEFAULT_CONFIDENCE:g})")
-    p.add_argument("--val-fraction", type=finite_number, default=None, metavar="F",
-                   help="validation fraction used in training (default: the manifest's, else 0.1)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="onnxruntime threads (default: one per physical core)")
-    floor = p.add_mutually_exclusive_group()
-    floor.add_argument("--unsure-coverage", type=finite_number, metavar="C",
-                       help="also choose a confidence floor below which erde-run answers \"unsure\": the highest one "
-                            "that still answers a share C of the validation images, e.g. 0.9")
-    floor.add_argument("--unsure-accuracy", type=finite_number, metavar="A",
-                       help="the same, as the lowest floor whose answered validation images are at least A right")
-    p.add_argument("--out", metavar="DIR", help="write a calibrated copy of MODEL_DIR there instead of changing it "
-                   "(needed for the bundled model and for read-only folders)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if an erde tool wrote it and nothing in it was added or changed since")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_verify_option(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+@command("erde-calibrate")
+@model_option
+@data_option(True, "The image folder the model was trained on (PATH/train/<class>/*)")
+@click.option("--criterion", type=click.Choice(CRITERIA + ("all",)), default="all",
+              help="Exit rule to calibrate (" + "; ".join(RULES.values()) + "); all: calibrate each, keep the best "
+                   "(default all).")
+@click.option("--max-drop", type=FINITE, metavar="P",
+              help="Lowest cost (expected latency with a profile, else MACs) losing at most P points of val accuracy "
+                   "against the final exit (default 0.5), at --confidence.")
+@click.option("--mac-budget", type=FINITE, metavar="F",
+              help="Most accurate threshold with mean MACs <= F x full MACs, F in (0, 1.5].")
+@click.option("--budget-ms", type=FINITE, metavar="MS",
+              help="Most accurate threshold whose expected batch-1 latency on this machine is at most MS "
+                   "milliseconds (needs a latency profile: erde-profile --model DIR --threads N).")
+@click.option("--confidence", type=FINITE, default=DEFAULT_CONFIDENCE, metavar="C",
+              help="With --max-drop: the drop's one-sided upper bound at level C (paired over the validation images) "
+                   f"must stay within P; 0.5 = the point estimate (default {DEFAULT_CONFIDENCE:g}).")
+@click.option("--val-fraction", type=FINITE, default=None, metavar="F",
+              help="Validation fraction used in training (default: the manifest's, else 0.1).")
+@threads_option
+@click.option("--unsure-coverage", type=FINITE, metavar="C",
+              help="Also choose a confidence floor below which erde-run answers \"unsure\": the highest one that "
+                   "still answers a share C of the validation images, e.g. 0.9.")
+@click.option("--unsure-accuracy", type=FINITE, metavar="A",
+              help="The same, as the lowest floor whose answered validation images are at least A right.")
+@click.option("--out", type=PATH, metavar="DIR", help="Write a calibrated copy of the model folder there instead of "
+              "changing it (needed for the bundled model and for read-only folders).")
+@force_option
+@json_option("the result")
+@no_verify_option
+def cli(**kw) -> int:
+    """Choose the exit threshold of a model folder on the validation split of its training data, and store it in
+    the manifest (erde-run uses it when --threshold is not given)."""
+    exclusive(max_drop=kw["max_drop"], mac_budget=kw["mac_budget"], budget_ms=kw["budget_ms"])
+    exclusive(unsure_coverage=kw["unsure_coverage"], unsure_accuracy=kw["unsure_accuracy"])
+    args = SimpleNamespace(**kw)
+    args.json = args.as_json
+    return _run(args, sys.stdout)
+
 
 def _pct(v: float) -> str:
     return f"{100.0 * v:.2f}%"
@@ -82,7 +86,7 @@ def _target_text(c: Choice) -> str:
         return f"expected latency at most {c.target:g} ms per image"
     return f"mean MACs at most {100.0 * c.target:g}% of the full model's"
 
-def _run(args: argparse.Namespace, out: TextIO) -> int:
+def _run(args: SimpleNamespace, out: TextIO) -> int:
     if args.mac_budget is not None:
         mode, target = "mac-budget", args.mac_budget
     elif args.budget_ms is not None:
@@ -101,7 +105,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
               ("accuracy", args.unsure_accuracy) if args.unsure_accuracy is not None else None)
     if unsure is not None and not 0 < unsure[1] <= 1:
         raise UsageError(f"--unsure-{unsure[0]} {unsure[1]:g} must be a fraction in (0, 1], e.g. 0.9")
-    folder = Path(args.model_dir)
+    folder = model_folder(args.model)
     if args.out is None:
         res = run(folder)
     else:
@@ -170,10 +174,9 @@ def calibrated_copy(model_dir: Path, out: Path, force: bool, run) -> Result:
 
 
 class _NotMet(ErdeError):
-    pass
+    exit_code = EXIT_NOT_MET
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv, {_NotMet: EXIT_NOT_MET})
+main = console_script(cli)
 
 if __name__ == "__main__":
     sys.exit(main())

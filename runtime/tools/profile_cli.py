@@ -1,8 +1,8 @@
 """erde-profile: measure a model folder's per-segment latency on this machine and store the profile beside it.
 
-    erde-profile MODEL_DIR --threads 1
+    erde-profile [--model DIR] --threads 1
 
-Writes (or updates) MODEL_DIR/latency_profile.json with one entry for this
+Writes (or updates) DIR/latency_profile.json with one entry for this
 CPU model, core count, thread count and onnxruntime version. ``erde-run`` then
 shows the expected latency at its threshold, and ``erde-calibrate`` chooses
 thresholds in milliseconds. Measure on a quiet machine: nothing else running.
@@ -11,39 +11,41 @@ Exit codes as every erde command (see erde.runtime.common.cli).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import Optional, Sequence, TextIO
+from types import SimpleNamespace
+from typing import TextIO
 
-from ..common.cli import Parser, add_verify_option, positive_int, run_cli
+import click
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-profile", description="Measure each segment's batch-1 latency (and full.onnx's) on this "
-                                                "machine and store it beside the manifest.")
-    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model folder (default: the bundled model)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="onnxruntime threads (default: one per usable core); a profile holds for this count only")
-    p.add_argument("--calls", type=positive_int, default=2000, metavar="N", help="timed calls per graph (default 2000)")
-    p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
-    add_verify_option(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+from ..common.cli import POSITIVE, command, console_script, json_option, model_option, no_verify_option
 
 
-def _run(args: argparse.Namespace, out: TextIO) -> int:
+@command("erde-profile")
+@model_option
+@click.option("--threads", type=POSITIVE, default=None, metavar="N",
+              help="onnxruntime threads (default: one per core); a profile holds for this count only.")
+@click.option("--calls", type=POSITIVE, default=2000, metavar="N", help="Timed calls per graph (default 2000).")
+@json_option("the profile")
+@no_verify_option
+def cli(**kw) -> int:
+    """Measure each segment's batch-1 latency (and full.onnx's) on this machine and store it beside the
+    manifest."""
+    return _run(SimpleNamespace(**kw), sys.stdout)
+
+
+def _run(args: SimpleNamespace, out: TextIO) -> int:
     from .run_cli import model_folder
     from ..core.engine import Engine
     from .profile import measure, save_profile
     from ..core.selftest import require_verified
 
-    engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
+    engine = Engine.load(model_folder(args.model), threads=args.threads)
     if not args.no_verify:
         require_verified(engine, args.threads)
     prof = measure(engine, calls=max(args.calls, 5))
     path = save_profile(engine.folder, prof, engine.manifest)
-    if args.json:
+    if args.as_json:
         print(json.dumps(dict(prof.to_dict(), cumulative_ms=list(prof.cumulative_ms), file=str(path))), file=out)
         return 0
     m = engine.manifest
@@ -59,8 +61,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,22 @@ than one image ends with a summary (``erde.runtime.tools.run_summary``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO
+from types import SimpleNamespace
+from typing import List, Optional, TextIO, Tuple
+
+import click
 
 import numpy as np
 
 from .. import BUNDLED_MODELS
-from ..common.cli import Parser, UsageError, add_verify_option, finite_number, positive_int, run_cli
+from ..common.cli import (FINITE, PATH, POSITIVE, UsageError, command, console_script, exclusive, json_option, model_option,
+                          no_verify_option, threads_option)
+from ..common.files import IMAGE_EXTENSIONS
 from ..common.errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
 from ..core.criteria import RULES
 from ..core.manifest import CRITERIA, MANIFEST_NAME
@@ -29,47 +33,46 @@ from ..core.stages import Prediction
 BUNDLED_MODEL = BUNDLED_MODELS / "cifar10"  # what a command runs without a folder
 
 
-def _threshold(text: str) -> float:
-    try:
-        return float(text)  # range and NaN are checked by the engine, with the criterion in the message
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+@command("erde-run")
+@click.argument("inputs", nargs=-1, type=PATH, metavar="[IMAGE|FOLDER]...")
+@click.option("--image", multiple=True, type=PATH, metavar="FILE",
+              help="An image file (repeatable); - reads one image from standard input.")
+@click.option("--folder", multiple=True, type=PATH, metavar="DIR",
+              help="A folder of images (" + " ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ").")
+@model_option
+@click.option("--threshold", type=float, metavar="T",
+              help="Exit threshold in [0, 1] (default: calibrated, else the manifest's default).")
+@click.option("--criterion", type=click.Choice(CRITERIA), help="; ".join(RULES.values()))
+@click.option("--static", is_flag=True,
+              help="Run full.onnx, the static network, without early exits (chosen by itself where the latency "
+                   "profile of this machine expects it to answer sooner at the threshold).")
+@click.option("--early-exit", is_flag=True,
+              help="Run early exit even where the latency profile expects full.onnx to answer sooner.")
+@click.option("--batch-size", type=POSITIVE, default=1, metavar="N", help="Images per batch (default 1).")
+@threads_option
+@click.option("--video", type=PATH, metavar="FILE", help="Classify every frame of a video file (needs erde[video]).")
+@click.option("--camera", type=int, metavar="INDEX",
+              help="Classify a camera's frames, always the newest (needs erde[video]); Ctrl-C ends it.")
+@click.option("--every", type=POSITIVE, default=1, metavar="N",
+              help="With --video or --camera: print every Nth frame's line (all frames count in the summary).")
+@click.option("--max-fps", type=FINITE, metavar="F",
+              help="With --video: take at most F frames per second of video (the rest count as skipped).")
+@click.option("--max-frames", type=POSITIVE, metavar="N", help="With --video or --camera: stop after N frames.")
+@click.option("--no-reject", is_flag=True,
+              help="Always name a class, even below the model's \"unsure\" confidence floor.")
+@json_option("one object per image (or frame), then a summary,")
+@no_verify_option
+def cli(inputs: Tuple[Path, ...], **kw) -> int:
+    """Classify images, a video or a camera with an early-exit model folder (onnxruntime, no torch).
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-run", description="Classify images with an early-exit model folder written by erde-export.")
-    p.add_argument("--image", action="append", default=[], metavar="FILE",
-                   help="an image file (repeatable); - reads one image from standard input")
-    p.add_argument("--folder", action="append", default=[], metavar="DIR",
-                   help="a folder of images (" + " ".join(("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm")) + ")")
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model, if installed)")
-    p.add_argument("--threshold", type=_threshold, metavar="T",
-                   help="exit threshold in [0, 1] (default: calibrated, else the manifest's default)")
-    p.add_argument("--criterion", choices=CRITERIA,
-                   help="; ".join(RULES.values()))
-    static = p.add_mutually_exclusive_group()
-    static.add_argument("--static", action="store_true",
-                        help="run full.onnx, the static network, without early exits (chosen by itself where the "
-                             "latency profile of this machine expects it to answer sooner at the threshold)")
-    static.add_argument("--early-exit", action="store_true",
-                        help="run early exit even where the latency profile expects full.onnx to answer sooner")
-    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per batch (default 1)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="onnxruntime threads (default: one per physical core)")
-    p.add_argument("--video", metavar="FILE", help="classify every frame of a video file (needs erde[video])")
-    p.add_argument("--camera", type=int, metavar="INDEX",
-                   help="classify a camera's frames, always the newest (needs erde[video]); Ctrl-C ends it")
-    p.add_argument("--every", type=positive_int, default=1, metavar="N",
-                   help="with --video or --camera: print every Nth frame's line (all frames count in the summary)")
-    p.add_argument("--max-fps", type=finite_number, metavar="F",
-                   help="with --video: take at most F frames per second of video (the rest count as skipped)")
-    p.add_argument("--max-frames", type=positive_int, metavar="N", help="with --video or --camera: stop after N frames")
-    p.add_argument("--no-reject", action="store_true",
-                   help="always name a class, even below the model's \"unsure\" confidence floor")
-    p.add_argument("--json", action="store_true", help="one JSON object per image (or frame) on stdout, then a summary")
-    add_verify_option(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    IMAGE|FOLDER: image files and folders of images, as --image and --folder.
+    """
+    exclusive(static=kw["static"], early_exit=kw["early_exit"])
+    args = SimpleNamespace(**kw)
+    args.json = args.as_json
+    args.image = [str(p) for p in args.image] + [str(p) for p in inputs if not p.is_dir()]
+    args.folder = [str(p) for p in args.folder] + [str(p) for p in inputs if p.is_dir()]
+    return _run(args, sys.stdout, sys.stderr)
 
 
 def model_folder(arg: Optional[str]) -> Path:
@@ -81,7 +84,7 @@ def model_folder(arg: Optional[str]) -> Path:
     if (BUNDLED_MODEL / MANIFEST_NAME).is_file():
         return BUNDLED_MODEL
     raise ErdeError("no model folder given and no bundled model is installed; pass a folder written by "
-                    "erde-export (erde-run --model DIR, erde-bench DIR)")
+                    "erde-export as --model DIR")
 
 
 def expected_latency_line(engine, criterion: Optional[str], threshold: Optional[float], threads: Optional[int],
@@ -189,7 +192,7 @@ def _json_line(name: str, pred, criterion: Optional[str], threshold: Optional[fl
     return json.dumps(d)
 
 
-def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _run(args: SimpleNamespace, out: TextIO, err: TextIO) -> int:
     # Imported here so that `erde-run --help` and option errors need no onnxruntime.
     from ..core.engine import MAX_RUN_BATCH, Engine
     from ..core.preprocess import STDIN, list_images, preprocess_one
@@ -281,8 +284,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_USAGE if failed == len(paths) else EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout, sys.stderr), argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":

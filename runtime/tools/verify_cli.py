@@ -1,6 +1,6 @@
 """erde-verify: does this machine give the answers the model folder was built with?
 
-    erde-verify [MODEL_DIR] [--threads N] [--json]
+    erde-verify [--model DIR] [--threads N] [--json]
 
 Runs the folder's self-test (``selftest.npz``: validation images and the probabilities every exit gave on
 the machine that built the folder) here and prints one ✓/✗ line per check: class agreement, exit agreement
@@ -12,39 +12,39 @@ Exit codes: 0 passed; 3 this machine's answers differ; 2 bad input (see erde.run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from typing import Optional, Sequence, TextIO
-
-from ..common.cli import Parser, positive_int, run_cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="erde-verify", description="Check that this machine gives the answers a model folder was built "
-                                               "with (its self-test); exit 3 if it does not.")
-    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model folder (default: the bundled model)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="onnxruntime threads (default: one per usable core)")
-    p.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+from types import SimpleNamespace
+from typing import TextIO
 
 
-def _run(args: argparse.Namespace, out: TextIO) -> int:
+from ..common.cli import command, console_script, json_option, model_option, threads_option
+
+
+@command("erde-verify")
+@model_option
+@threads_option
+@json_option("the verdict")
+def cli(**kw) -> int:
+    """Check that this machine gives the answers a model folder was built with (its self-test); exit 3 if it
+    does not."""
+    return _run(SimpleNamespace(**kw), sys.stdout)
+
+
+def _run(args: SimpleNamespace, out: TextIO) -> int:
     from .run_cli import model_folder
     from ..core.engine import Engine
     from ..common.machine import MachineKey
     from ..core.selftest import MismatchError, remember, verify
 
     t0 = time.perf_counter()
-    engine = Engine.load(model_folder(args.model_dir), threads=args.threads)
+    engine = Engine.load(model_folder(args.model), threads=args.threads)
     verdict = verify(engine)
     ms = (time.perf_counter() - t0) * 1000.0
     remember(engine, args.threads, verdict)
     here = MachineKey.here(args.threads).describe()
-    if args.json:
+    if args.as_json:
         print(json.dumps({"model_dir": str(engine.folder), "passed": verdict.passed, "precision": verdict.precision,
                           "images": verdict.images, "machine": here, "built_on": verdict.built_on, "ms": ms,
                           "checks": [{"name": c.name, "value": c.value, "limit": c.limit, "ok": c.ok}
@@ -61,8 +61,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(lambda: _run(build_parser().parse_args(argv), sys.stdout), argv)
+main = console_script(cli)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .exporter import default_out_dir, export_checkpoint
 @click.option("--single-graph", is_flag=True,
               help="Also write early_exit.onnx: the whole model as one graph with nested If nodes, which the "
                    "engine then uses at batch 1. Measure it against the segment chain first "
-                   "(python scripts/if_graph.py MODEL_DIR): on the students measured here it was 2-5% slower.")
+                   "(python scripts/if_graph.py --model DIR); on the students measured so far it was slower (docs/reference.md).")
 def cli(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single_graph: bool, debug: bool) -> None:
     """Export an ERDE checkpoint to a model folder for the torch-free runtime.
 

@@ -32,7 +32,7 @@ from erde.runtime.core.manifest import (
 )
 from erde.training.checkpoint import load_model, read_checkpoint
 from erde.training.macs import exit_macs
-from erde.training.models import EarlyExitResNet, keep_exits
+from erde.training.models import EarlyExitNet, keep_exits
 
 from .early_exit_graph import write_early_exit_graph
 from .onnx_macs import onnx_macs
@@ -96,7 +96,7 @@ def export_checkpoint(checkpoint: Path, out: Optional[Path] = None, force: bool 
                         protect=[checkpoint])
 
 
-def _build(model: EarlyExitResNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,
+def _build(model: EarlyExitNet, ckpt: Dict, checkpoint: Path, folder: Path, parity_batch: int,
            report: Optional[Callable[[str], None]] = None, single_graph: bool = False,
            data: Optional[Path] = None) -> Manifest:
     cfg = model.cfg

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from erde.runtime.core.criteria import CRITERIA, exit_indices, get
 from erde.runtime.core.engine import Engine
-from erde.training.models import EarlyExitResNet
+from erde.training.models import EarlyExitNet
 
 PROBS_ATOL = 1e-4
 
@@ -47,7 +47,7 @@ def _midpoints(values: np.ndarray, count: int) -> List[float]:
     return sorted({float(m) for m in mids[pick]})
 
 
-def parity_checks(model: EarlyExitResNet, folder: Path, x: torch.Tensor) -> List[Check]:
+def parity_checks(model: EarlyExitNet, folder: Path, x: torch.Tensor) -> List[Check]:
     """Every check of the folder against PyTorch on input ``x``, through ``Engine.load``."""
     model.eval()
     with torch.no_grad():
@@ -92,7 +92,7 @@ def parity_checks(model: EarlyExitResNet, folder: Path, x: torch.Tensor) -> List
     return checks
 
 
-def check_parity(model: EarlyExitResNet, folder: Path, x: torch.Tensor,
+def check_parity(model: EarlyExitNet, folder: Path, x: torch.Tensor,
                  report: Optional[Callable[[str], None]] = None) -> List[str]:
     """The failures of ``parity_checks`` (empty when all pass); ``report`` gets each ✓/✗ line."""
     checks = parity_checks(model, folder, x)

@@ -47,8 +47,8 @@ from erde.runtime.core.selftest import build_selftest
 from erde.runtime.tools.run_cli import model_folder
 
 DEFAULT_IMAGES = 200
-#: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks:
-#: about 10% faster than Conv and Gemm alone here). Softmax stays fp32: uint8 probabilities would tie.
+#: The layers that carry the MACs, and the cheap ones between them (so that onnxruntime fuses whole int8 blocks,
+#: faster than Conv and Gemm alone). Softmax stays fp32: uint8 probabilities would tie.
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool", "AveragePool"]
 #: int8 weights within [-64, 64] (onnxruntime's reduce_range for symmetric weights): a pair of uint8 x int8
 #: products fits int16, 255 * 64 * 2 = 32640 <= 32767 (and -32640 >= -32768); 255 * 65 * 2 = 33150 does not.
@@ -84,9 +84,9 @@ def calibration_images(data: Path, manifest: Manifest, count: int) -> np.ndarray
 def _segment_inputs(engine: Engine, x: np.ndarray) -> List[np.ndarray]:
     """The input of every segment when the fp32 chain runs on ``x``."""
     feeds, feed = [], x
-    for stage in engine._stages:
+    for segment in engine._segments:
         feeds.append(feed)
-        outputs = engine._run_stage(stage, feed)
+        outputs = engine._run_graph(segment, feed)
         feed = outputs[1] if len(outputs) > 1 else None
     return feeds
 

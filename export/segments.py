@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erde.training.models import EarlyExitResNet
+from erde.training.models import EarlyExitNet
 
 
 class Segment(nn.Module):
-    def __init__(self, model: EarlyExitResNet, k: int):
+    def __init__(self, model: EarlyExitNet, k: int):
         super().__init__()
         self.model, self.k = model, k
         self.last = k == model.cfg.num_exits - 1
@@ -31,7 +31,7 @@ class Segment(nn.Module):
 class FullPath(nn.Module):
     """The static network: every block and the final exit, no early-exit heads."""
 
-    def __init__(self, model: EarlyExitResNet):
+    def __init__(self, model: EarlyExitNet):
         super().__init__()
         self.model = model
 

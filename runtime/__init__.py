@@ -15,7 +15,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, List
 
-_PUBLIC = {"Engine": "core.engine", "Prediction": "core.stages", "ErdeError": "common.errors",
+_PUBLIC = {"Engine": "core.engine", "Prediction": "core.graphs", "ErdeError": "common.errors",
            "MismatchError": "core.selftest", "verify": "core.selftest", "preprocess": "core.preprocess"}
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
 

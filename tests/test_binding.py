@@ -8,7 +8,7 @@ import pytest
 
 from erde.runtime.core.binding import BoundChain, PlainChain, bind_chain, run_until
 from erde.runtime.core.engine import Engine
-from erde.runtime.core.stages import _Stage
+from erde.runtime.core.graphs import Graph
 from runtime_fixtures import make_model_folder, random_inputs
 
 
@@ -19,13 +19,13 @@ def eng(tmp_path_factory):
 
 def run_all(chain, x):
     chain.load(x)
-    return [chain.run(k).copy() for k in range(len(chain.stages))]
+    return [chain.run(k).copy() for k in range(len(chain.segments))]
 
 
 def test_bound_chain_gives_the_answers_of_session_run(eng):
-    bound = bind_chain(eng._stages, eng._input_shape, 4)
+    bound = bind_chain(eng._segments, eng._input_shape, 4)
     assert isinstance(bound, BoundChain)
-    plain = PlainChain(eng._stages)
+    plain = PlainChain(eng._segments)
     for x in random_inputs(6):
         got, want = run_all(bound, x[None]), run_all(plain, x[None])
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
@@ -33,12 +33,12 @@ def test_bound_chain_gives_the_answers_of_session_run(eng):
 
 
 def test_the_feature_buffer_is_the_next_stage_input(eng):
-    bound = bind_chain(eng._stages, eng._input_shape, 4)
+    bound = bind_chain(eng._segments, eng._input_shape, 4)
     bound.load(random_inputs(1))
     bound.run(0)
     feats = bound.feed(1).copy()
     assert feats.any()  # segment 0 wrote its features where segment 1 reads them
-    direct = eng._stages[1].session.run(eng._stages[1].output_names, {eng._stages[1].input_name: feats})[0]
+    direct = eng._segments[1].session.run(eng._segments[1].output_names, {eng._segments[1].input_name: feats})[0]
     assert np.array_equal(bound.run(1), direct)
 
 
@@ -60,9 +60,9 @@ class _LooseShapes(_NoBinding):
 @pytest.mark.parametrize("session_type", [_NoBinding, _LooseShapes])
 def test_falls_back_to_session_run(session_type):
     outputs = [SimpleNamespace(name="p", shape=["batch", 4]), SimpleNamespace(name="f", shape=["batch", 4, "h", 8])]
-    stages = [_Stage(session_type(outputs), "x", ["p", "f"], "s0.onnx"),
-              _Stage(session_type(outputs[:1]), "f", ["p"], "s1.onnx")]
-    assert isinstance(bind_chain(stages, (3, 8, 8), 4), PlainChain)
+    segments = [Graph(session_type(outputs), "x", ["p", "f"], "s0.onnx"),
+              Graph(session_type(outputs[:1]), "f", ["p"], "s1.onnx")]
+    assert isinstance(bind_chain(segments, (3, 8, 8), 4), PlainChain)
 
 
 def test_each_thread_has_its_own_buffers(eng):
@@ -86,8 +86,8 @@ def test_each_thread_has_its_own_buffers(eng):
     assert not bad
 
 
-@pytest.mark.parametrize("make", [lambda eng: bind_chain(eng._stages, eng._input_shape, 4),
-                                  lambda eng: PlainChain(eng._stages, 4)])
+@pytest.mark.parametrize("make", [lambda eng: bind_chain(eng._segments, eng._input_shape, 4),
+                                  lambda eng: PlainChain(eng._segments, 4)])
 def test_run_until_stops_at_the_first_exit_that_lets_the_image_leave(eng, make):
     chain, x = make(eng), random_inputs(1)
     probs = [p.tolist()[0] for p in run_all(chain, x)]
@@ -99,14 +99,14 @@ def test_run_until_stops_at_the_first_exit_that_lets_the_image_leave(eng, make):
 
     k, values, marks = run_until(chain, x, leave_at_1)
     assert k == 1 and values == probs[1] and seen == probs[:2]
-    assert len(marks) == 3 and marks == sorted(marks)  # the start, then one mark per stage that ran
-    k, values, marks = run_until(chain, x, None)  # nobody leaves early: the last stage answers
-    assert k == len(chain.stages) - 1 and values == probs[-1] and len(marks) == len(chain.stages) + 1
+    assert len(marks) == 3 and marks == sorted(marks)  # the start, then one mark per segment that ran
+    k, values, marks = run_until(chain, x, None)  # nobody leaves early: the last segment answers
+    assert k == len(chain.segments) - 1 and values == probs[-1] and len(marks) == len(chain.segments) + 1
     k, _, marks = run_until(chain, x, None, last=0)
     assert k == 0 and len(marks) == 2
 
 
 def test_a_plain_chain_refuses_probabilities_of_another_shape(eng):
-    chain = PlainChain(eng._stages, 5)  # the graphs answer 4 classes
+    chain = PlainChain(eng._segments, 5)  # the graphs answer 4 classes
     with pytest.raises(ValueError, match=r"probabilities of shape \(1, 4\), expected \[1, 5\]"):
         run_until(chain, random_inputs(1), None)

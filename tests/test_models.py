@@ -2,13 +2,14 @@ import pytest
 import torch
 
 from erde.runtime.common.errors import ErdeError
-from erde.training.models import ModelConfig, build_model, default_exits, list_archs, model_config
+from erde.training.models import build_model, config_from_dict, default_exits, list_archs, model_config
+from erde.training.resnet import ResNetConfig
 
 
 def test_registry_builds_every_arch():
     for arch in list_archs():
         cfg = model_config(arch, num_classes=7)
-        assert cfg.num_exits == (3 if cfg.blocks_per_stage == 1 else 4)
+        assert cfg.num_exits == (3 if cfg.num_blocks == 3 else 4)
         model = build_model(cfg).eval()
         outs = model(torch.zeros(2, 3, 32, 32))
         assert [tuple(o.shape) for o in outs] == [(2, 7)] * cfg.num_exits
@@ -48,9 +49,9 @@ def test_segments_chain_equals_forward():
 
 def test_config_round_trip_and_bad_exits():
     cfg = model_config("resnet20_ee", 100)
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ErdeError):
-        build_model(ModelConfig("x", 2, exit_after=(3, 1)))
+        build_model(ResNetConfig("x", 2, exit_after=(3, 1)))
     with pytest.raises(ErdeError):
         model_config("resnet1000")
 
@@ -68,3 +69,28 @@ def test_exits_none_is_a_static_network():
     assert parse_exits("none") == ()
     model = build_model(model_config("air32_ee", exit_after=parse_exits("none")))
     assert len(model(torch.zeros(1, 3, 32, 32))) == 1
+
+
+def test_each_family_has_its_own_config_and_old_checkpoints_still_load():
+    air, res = model_config("air32w16_ee"), model_config("resnet8_ee")
+    assert air.family == "airnet" and res.family == "resnet"
+    assert not hasattr(air, "blocks_per_stage") and not hasattr(res, "whiten_channels")
+    assert config_from_dict(air.to_dict()) == air and config_from_dict(res.to_dict()) == res
+    # before the per-family configs, one config held every family's fields (committed checkpoints have it)
+    old = dict(air.to_dict(), blocks_per_stage=1, base_width=16, widths=[32, 128, 256])
+    assert config_from_dict(old) == air
+    with pytest.raises(ErdeError, match="not known to this version"):
+        config_from_dict(dict(air.to_dict(), family="transformer"))
+    with pytest.raises(ErdeError, match="fields .'depth_multiplier'. are not known"):
+        config_from_dict(dict(res.to_dict(), depth_multiplier=2))
+
+
+def test_the_model_modules_import_no_cycle():
+    import ast
+    from pathlib import Path
+
+    training = Path(__file__).resolve().parents[1] / "training"
+    for family in ("net.py", "resnet.py", "airnet.py"):
+        tree = ast.parse((training / family).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert imported <= {"net"}, (family, imported)  # families build on net only; models.py imports them

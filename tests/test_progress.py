@@ -10,7 +10,7 @@ class Terminal(io.StringIO):
 
 def test_a_quick_step_prints_nothing(monkeypatch):
     out = io.StringIO()
-    with progress.stage("quick", total=3, stream=out) as tick:
+    with progress.step("quick", total=3, stream=out) as tick:
         tick(3)
     assert out.getvalue() == ""
 
@@ -19,7 +19,7 @@ def test_a_long_step_leaves_one_line_and_a_live_count_on_a_terminal(monkeypatch)
     clock = iter([0.0, 1.5, 1.6, 3.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     out = Terminal()
-    with progress.stage("images through 3 exits", total=100, stream=out) as tick:
+    with progress.step("images through 3 exits", total=100, stream=out) as tick:
         tick(50)  # 1.5 s in: drawn
         tick(60)  # 0.1 s later: not drawn again yet
     text = out.getvalue()

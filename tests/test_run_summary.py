@@ -6,7 +6,7 @@ import shutil
 
 from erde.runtime.tools.run_cli import main as run_main
 from erde.runtime.tools.run_summary import RunSummary, label_of
-from erde.runtime.core.stages import Prediction
+from erde.runtime.core.graphs import Prediction
 from runtime_fixtures import make_model_folder
 
 SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "runtime" / "samples"

@@ -1,11 +1,11 @@
-"""An airbench-style early-exit CNN for 32x32 images (the ``airnet`` family of ``ModelConfig``).
+"""The ``airnet`` family: airbench-style early-exit CNNs for 32x32 images.
 
 After Keller Jordan's airbench (PyPI ``airbench``): a frozen 2x2 whitening convolution,
 then three blocks of conv-maxpool-BN-act-conv-BN-act (widths w1, w2, w3); the final
 exit is a 3x3 max pool, one Linear without bias and a fixed scale of 1/9. Backbone
 BatchNorms have no learnt scale (only a shift), a fast running average and a tiny eps;
 convolutions start as identities on their first input channels. Early exits are the
-paper's heads (``models.ExitHead``) after chosen blocks.
+paper's heads (``net.ExitHead``) after chosen blocks.
 
     x [N,3,32,32] -> stem (whiten 2x2 + act) [N,c,31,31]   (c = whiten_channels, 24 by default)
       -> block 0 [N,w1,15,15] -> block 1 [N,w2,7,7] -> block 2 [N,w3,3,3] -> final [N,K]
@@ -17,15 +17,29 @@ frozen; the stem's bias trains for the recipe's first epochs only.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
+from typing import ClassVar, Tuple
 
 import torch
 from torch import nn
 
 from erde.runtime.common.errors import ErdeError
-from .models import EarlyExitNet, ExitHead, ModelConfig
+from .net import EarlyExitNet, ExitHead, ModelConfig, register, register_family
 
 WHITEN_KERNEL = 2
 MAX_WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # every eigenvector of the 2x2x3 patches, with both signs
+
+
+@dataclass(frozen=True)
+class AirNetConfig(ModelConfig):
+    widths: Tuple[int, ...] = (64, 256, 256)  # channels of the three blocks
+    activation: str = "relu"  # "relu" or "gelu"
+    whiten_channels: int = 24  # the whitening stem's channels, 2 per leading eigenvector (at most 24)
+    family: ClassVar[str] = "airnet"
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.widths)
 
 
 def _act(name: str) -> nn.Module:
@@ -98,10 +112,10 @@ class AirFinal(nn.Module):
 
 
 class AirNet(EarlyExitNet):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: AirNetConfig):
         super().__init__()
         self.cfg = cfg
-        widths = cfg.stage_widths
+        widths = cfg.widths
         c_in = cfg.whiten_channels
         if not (isinstance(c_in, int) and 2 <= c_in <= MAX_WHITEN_CHANNELS and c_in % 2 == 0):
             raise ErdeError(f"whiten_channels={c_in!r}: need an even number from 2 to {MAX_WHITEN_CHANNELS}")
@@ -145,3 +159,38 @@ def init_whitening(model: AirNet, images: torch.Tensor, eps: float = 5e-4) -> No
     keep = conv.weight.shape[0] // 2
     filters = (eigenvectors[:keep] / torch.sqrt(eigenvalues[:keep] + eps)[:, None]).reshape(-1, 3, k, k)
     conv.weight.copy_(torch.cat([filters, -filters]))
+
+
+register_family(AirNetConfig, AirNet)
+
+
+def _airnet(arch: str, widths: Tuple[int, int, int], activation: str, num_classes: int) -> AirNetConfig:
+    return AirNetConfig(arch=arch, num_classes=num_classes, exit_after=(0, 1), widths=widths, activation=activation)
+
+
+@register
+def air94_ee(num_classes: int = 10) -> AirNetConfig:
+    """airbench94's network (64, 256, 256 channels, GELU) with exits after blocks 1 and 2: the teacher."""
+    return _airnet("air94_ee", (64, 256, 256), "gelu", num_classes)
+
+
+@register
+def air32_ee(num_classes: int = 10) -> AirNetConfig:
+    """A small airnet (32, 64, 128 channels, ReLU, which onnxruntime fuses into the convolutions): the student.
+    Several times fewer MACs than air94_ee."""
+    return _airnet("air32_ee", (32, 64, 128), "relu", num_classes)
+
+
+@register
+def air32w_ee(num_classes: int = 10) -> AirNetConfig:
+    """air32_ee's first block with wide later blocks (32, 128, 256 channels, ReLU): its first exit costs a
+    smaller share of its time than air32_ee's does, so early exits can pay in milliseconds."""
+    return _airnet("air32w_ee", (32, 128, 256), "relu", num_classes)
+
+
+@register
+def air32w16_ee(num_classes: int = 10) -> AirNetConfig:
+    """air32w_ee with a 16-channel whitening stem (the 8 leading eigenvectors of the 2x2x3 patches, both signs):
+    24 channels run padded to 32 in onnxruntime's x86 NCHWc kernels, so 16 make its first exit answer sooner
+    (benchmarks/results/student-choice-v5)."""
+    return replace(_airnet("air32w16_ee", (32, 128, 256), "relu", num_classes), whiten_channels=16)

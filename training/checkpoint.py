@@ -20,7 +20,7 @@ import torch
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.files import UnsafePathError, check_regular
 
-from .models import EarlyExitResNet, ModelConfig, build_model
+from .models import EarlyExitNet, build_model, config_from_dict
 
 MAX_CHECKPOINT_BYTES = 2 << 30  # 2 GiB: far above any ERDE model
 
@@ -33,7 +33,7 @@ class CheckpointError(ErdeError):
 
 
 def make_checkpoint(
-    model: EarlyExitResNet,
+    model: EarlyExitNet,
     *,
     kind: str,
     class_names,
@@ -129,11 +129,11 @@ def read_checkpoint(path) -> Dict[str, Any]:
     return ckpt
 
 
-def load_model(path, ckpt: Dict[str, Any] | None = None) -> Tuple[EarlyExitResNet, Dict[str, Any]]:
+def load_model(path, ckpt: Dict[str, Any] | None = None) -> Tuple[EarlyExitNet, Dict[str, Any]]:
     """Rebuild the model a checkpoint describes, in eval mode."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     try:
-        cfg = ModelConfig.from_dict(ckpt["model_args"])
+        cfg = config_from_dict(ckpt["model_args"])
         model = build_model(cfg)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
     except (TypeError, KeyError, RuntimeError) as e:

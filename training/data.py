@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from erde.runtime.common.datasets import SPLITS, DataError, cache_dir, list_image_folder, split_indices
-from erde.runtime.common.progress import stage
+from erde.runtime.common.progress import step
 
 from .recipe import Augment
 
@@ -92,7 +92,7 @@ def load_image_folder(root: Path, size: Tuple[int, int] = (32, 32), cache: bool 
             images = None
     if images is None:
         images = np.empty((len(files), size[0], size[1], 3), dtype=np.uint8)
-        with stage(f"decoding {root} into {cache_file if cache else 'memory'} (once)", total=len(files)) as tick:
+        with step(f"decoding {root} into {cache_file if cache else 'memory'} (once)", total=len(files)) as tick:
             for i, p in enumerate(files):
                 images[i] = _decode(p, size)
                 if i % 256 == 0:

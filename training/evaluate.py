@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 from .data import normalize
-from .models import EarlyExitResNet
+from .models import EarlyExitNet
 
 from erde.runtime.core.criteria import REGISTRY
 
@@ -20,7 +20,7 @@ DEFAULT_THRESHOLDS: Dict[str, Tuple[float, ...]] = {name: c.report_thresholds fo
 
 
 @torch.no_grad()
-def exit_probs(model: EarlyExitResNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+def exit_probs(model: EarlyExitNet, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                batch_size: int = 500, dev=None) -> np.ndarray:
     """Softmax probabilities of every exit, in eval mode: uint8 images [N,3,H,W] (CPU) -> [E,N,K].
 
@@ -47,7 +47,7 @@ def per_exit_accuracy(probs: np.ndarray, labels: np.ndarray) -> List[float]:
 
 
 @torch.no_grad()
-def dead_exits(model: EarlyExitResNet, x: torch.Tensor) -> List[int]:
+def dead_exits(model: EarlyExitNet, x: torch.Tensor) -> List[int]:
     """Early exits whose head passes nothing through its ReLU for a batch of images (eval mode).
 
     Such a head outputs its bias for every image and gets no gradient again: a dead exit.

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .models import EarlyExitResNet
+from .models import EarlyExitNet
 
 COUNTED_OPS = ("conv", "linear", "addmm", "matmul", "bmm")
 
@@ -35,7 +35,7 @@ def count_macs(module: nn.Module, x: torch.Tensor) -> int:
 
 
 class _Backbone(nn.Module):
-    def __init__(self, model: EarlyExitResNet, k: int):
+    def __init__(self, model: EarlyExitNet, k: int):
         super().__init__()
         self.model, self.k = model, k
 
@@ -69,7 +69,7 @@ class ExitMacs:
 
 
 @torch.no_grad()
-def exit_macs(model: EarlyExitResNet) -> ExitMacs:
+def exit_macs(model: EarlyExitNet) -> ExitMacs:
     was_training = model.training
     model.eval()
     h, w = model.cfg.input_size

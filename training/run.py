@@ -178,7 +178,7 @@ def run(spec: RunSpec, opts: RunOptions, dist=None) -> None:
         log(f"{world} process(es) on {dev.device.type}, amp {dev.amp}, per-process batch {tcfg.batch_size}, "
             f"global batch {tcfg.batch_size * world}, peak lr {tcfg.lr * tcfg.batch_size * world / 128:g}")
     if cfg.family == "airnet" and not dev.channels_last:
-        dev = replace(dev, channels_last=True)  # 1.6x faster training on an AMD EPYC
+        dev = replace(dev, channels_last=True)  # faster training on the CPU (docs/reference.md)
     model = dev.place_model(model)
     if teacher is not None:
         teacher = dev.place_model(teacher)

@@ -1,4 +1,4 @@
-"""Error types shared by every ERDE stage.
+"""Error types shared by every part of erde (training, export, runtime).
 
 Library code raises these; each command-line tool turns them into one
 ``Error: ...`` line and a non-zero exit code. This module imports nothing, so

@@ -1,12 +1,12 @@
 """Long steps say what they do: a live count on a terminal, and one line when a step took over 2 seconds.
 
-    with progress.stage("validation images through 3 exits", total=len(files)) as tick:
+    with progress.step("validation images through 3 exits", total=len(files)) as tick:
         for ...:
             tick(done)
 
 On a terminal (stderr is a TTY) the count updates in place after the first second; anywhere, a step that
 took at least ``LINE_AFTER_S`` ends with one line on stderr (what, how many, how long), so a log shows
-every long stage and a quick run prints nothing.
+every long step and a quick run prints nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LIVE_AFTER_S = 1.0
 
 
 @contextlib.contextmanager
-def stage(what: str, total: Optional[int] = None, stream: Optional[TextIO] = None) -> Iterator[Callable[[int], None]]:
+def step(what: str, total: Optional[int] = None, stream: Optional[TextIO] = None) -> Iterator[Callable[[int], None]]:
     stream = stream or sys.stderr
     live = getattr(stream, "isatty", lambda: False)()
     start = time.perf_counter()

@@ -4,10 +4,9 @@ At batch 1 every shape is fixed, so the engine binds, once per thread, an input
 buffer for the image, a probabilities buffer for every exit, and a feature
 buffer that is at the same time the output of segment k and the input of
 segment k+1. A call is then only ``run_with_iobinding``: no feed dictionaries,
-no output arrays allocated, no feature map copied between segments. In the
-edge benchmark records at 1 thread it took the pass through every segment of the
-bundled model of the time from 1.07x to 1.05x its full.onnx; a single graph such
-as full.onnx gained nothing measurable, so ``Engine.run_full`` keeps ``session.run``.
+no output arrays allocated, no feature map copied between segments. A single graph
+such as full.onnx gained nothing measurable from it (benchmarks/results/README.md),
+so ``Engine.run_full`` keeps ``session.run``.
 
 The buffers are reused by the next call: copy what must outlive it.
 ``run_until`` is the batch-1 loop over either kind of chain.
@@ -20,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .stages import _Stage
+from .graphs import Graph
 
 
 def _static_shape(dims: Sequence[Any]) -> Optional[Tuple[int, ...]]:
@@ -40,20 +39,20 @@ ExitTest = Callable[[List[float]], bool]
 class PlainChain:
     """The same calls as ``BoundChain`` over ``session.run``, for graphs whose buffers cannot be bound."""
 
-    def __init__(self, stages: Sequence[_Stage], num_classes: Optional[int] = None):
-        self.stages = list(stages)
-        self._feeds: List[Optional[np.ndarray]] = [None] * len(self.stages)
+    def __init__(self, segments: Sequence[Graph], num_classes: Optional[int] = None):
+        self.segments = list(segments)
+        self._feeds: List[Optional[np.ndarray]] = [None] * len(self.segments)
         self._shape = None if num_classes is None else (1, num_classes)
 
     def load(self, x: np.ndarray) -> None:
         self._feeds[0] = x
 
     def run(self, k: int) -> np.ndarray:
-        stage = self.stages[k]
-        outputs = stage.session.run(stage.output_names, {stage.input_name: self._feeds[k]})
+        segment = self.segments[k]
+        outputs = segment.session.run(segment.output_names, {segment.input_name: self._feeds[k]})
         if self._shape is not None and outputs[0].shape != self._shape:
             raise ValueError(f"probabilities of shape {outputs[0].shape}, expected {list(self._shape)}")
-        if k + 1 < len(self.stages):
+        if k + 1 < len(self.segments):
             self._feeds[k + 1] = outputs[1]
         return outputs[0]
 
@@ -64,11 +63,11 @@ class PlainChain:
 class BoundChain:
     """Stages whose sessions run one image through bound buffers; create with ``bind_chain``."""
 
-    def __init__(self, stages: Sequence[_Stage], image: np.ndarray, probs: List[np.ndarray],
+    def __init__(self, segments: Sequence[Graph], image: np.ndarray, probs: List[np.ndarray],
                  features: List[np.ndarray], bindings: List[Any]):
-        self.stages = list(stages)
+        self.segments = list(segments)
         self._image = image
-        self._probs = probs  # [1, K] per stage, rewritten by every call
+        self._probs = probs  # [1, K] per segment, rewritten by every call
         self._features = features
         self._bindings = bindings
 
@@ -77,28 +76,28 @@ class BoundChain:
         np.copyto(self._image, x)
 
     def run(self, k: int) -> np.ndarray:
-        """Run stage ``k`` on what stage k-1 (or ``load``) left; return its probabilities buffer [1, K].
+        """Run segment ``k`` on what segment k-1 (or ``load``) left; return its probabilities buffer [1, K].
         onnxruntime raises if the graph answers in another shape than the bound buffer's."""
-        self.stages[k].session.run_with_iobinding(self._bindings[k])
+        self.segments[k].session.run_with_iobinding(self._bindings[k])
         return self._probs[k]
 
     def feed(self, k: int) -> np.ndarray:
-        """The input array stage ``k`` reads (to re-run it without bindings and report an error)."""
+        """The input array segment ``k`` reads (to re-run it without bindings and report an error)."""
         return self._image if k == 0 else self._features[k - 1]
 
 
 def run_until(chain: Union[BoundChain, PlainChain], x: np.ndarray, leave: Optional[ExitTest],
               last: Optional[int] = None) -> Tuple[int, List[float], List[float]]:
-    """One image [1, 3, H, W] through the chain until ``leave`` says so (None: never) or stage ``last``
-    (default: the final one) has run. Returns (the stage that answered, its probabilities as Python floats,
-    ``time.perf_counter()`` marks: the start, then the end of each stage run with its exit test).
+    """One image [1, 3, H, W] through the chain until ``leave`` says so (None: never) or segment ``last``
+    (default: the final one) has run. Returns (the segment that answered, its probabilities as Python floats,
+    ``time.perf_counter()`` marks: the start, then the end of each segment run with its exit test).
 
-    The engine's hot path at batch 1: the least Python work per stage (Python floats are quicker than numpy
+    The engine's hot path at batch 1: the least Python work per segment (Python floats are quicker than numpy
     calls on a few values). Errors are onnxruntime's, or ValueError for a plain chain's wrong shape."""
     chain.load(x)
     run = chain.run
     clock = time.perf_counter
-    final = len(chain.stages) - 1 if last is None else last
+    final = len(chain.segments) - 1 if last is None else last
     marks = [clock()]
     for k in range(final + 1):
         values = run(k)[0].tolist()
@@ -106,34 +105,34 @@ def run_until(chain: Union[BoundChain, PlainChain], x: np.ndarray, leave: Option
         marks.append(clock())
         if done:
             return k, values, marks
-    raise ValueError(f"no stage {final} in a chain of {len(chain.stages)}")
+    raise ValueError(f"no segment {final} in a chain of {len(chain.segments)}")
 
 
-def bind_chain(stages: Sequence[_Stage], input_shape: Tuple[int, ...],
+def bind_chain(segments: Sequence[Graph], input_shape: Tuple[int, ...],
                num_classes: int) -> Union[BoundChain, PlainChain]:
-    """The chain of stages with its batch-1 buffers bound; a ``PlainChain`` (same answers, ``session.run``)
+    """The chain of segments with its batch-1 buffers bound; a ``PlainChain`` (same answers, ``session.run``)
     when a feature map's shape is not fixed or this onnxruntime cannot bind buffers."""
     try:
         image = np.zeros((1,) + tuple(input_shape), dtype=np.float32)
         feed = image
         probs, features, bindings = [], [], []
-        for k, stage in enumerate(stages):
-            io = stage.session.io_binding()
-            io.bind_input(stage.input_name, "cpu", 0, np.float32, list(feed.shape), feed.ctypes.data)
+        for k, segment in enumerate(segments):
+            io = segment.session.io_binding()
+            io.bind_input(segment.input_name, "cpu", 0, np.float32, list(feed.shape), feed.ctypes.data)
             p = np.zeros((1, num_classes), dtype=np.float32)
-            io.bind_output(stage.output_names[0], "cpu", 0, np.float32, list(p.shape), p.ctypes.data)
+            io.bind_output(segment.output_names[0], "cpu", 0, np.float32, list(p.shape), p.ctypes.data)
             probs.append(p)
-            if k < len(stages) - 1:
-                if len(stage.output_names) < 2:
-                    return PlainChain(stages, num_classes)
-                meta = {o.name: o.shape for o in stage.session.get_outputs()}
-                shape = _static_shape(meta.get(stage.output_names[1], []))
+            if k < len(segments) - 1:
+                if len(segment.output_names) < 2:
+                    return PlainChain(segments, num_classes)
+                meta = {o.name: o.shape for o in segment.session.get_outputs()}
+                shape = _static_shape(meta.get(segment.output_names[1], []))
                 if shape is None:
-                    return PlainChain(stages, num_classes)
+                    return PlainChain(segments, num_classes)
                 feed = np.zeros(shape, dtype=np.float32)
-                io.bind_output(stage.output_names[1], "cpu", 0, np.float32, list(shape), feed.ctypes.data)
+                io.bind_output(segment.output_names[1], "cpu", 0, np.float32, list(shape), feed.ctypes.data)
                 features.append(feed)
             bindings.append(io)
     except Exception:  # an onnxruntime without these calls: the engine runs without bindings
-        return PlainChain(stages, num_classes)
-    return BoundChain(stages, image, probs, features, bindings)
+        return PlainChain(segments, num_classes)
+    return BoundChain(segments, image, probs, features, bindings)

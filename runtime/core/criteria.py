@@ -90,7 +90,7 @@ class Criterion:
         """``passes`` for one image's probabilities as Python floats (the engine's batch-1 loop). The threshold is
         rounded to float32 once, so the comparison stays the one ``passes`` makes on float32 probabilities."""
         t32 = float(np.float32(threshold))
-        if self.name == "max-prob":  # the common case, without numpy: about 0.5 us less per segment
+        if self.name == "max-prob":  # the common case, without numpy: less work per segment
             return lambda values: max(values) >= t32
         return lambda values: bool(self.passes(np.asarray(values, dtype=np.float32)[None, :], t32)[0])
 
@@ -132,7 +132,7 @@ def check_criterion(criterion: object) -> str:
 
 
 def check_threshold(criterion: str, threshold: object) -> float:
-    """The one threshold check of every stage: a real number in [0, 1] (not a string or bool)."""
+    """The one threshold check of every path (batch, batch 1, the single graph): a real number in [0, 1] (not a string or bool)."""
     check_criterion(criterion)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
             or not math.isfinite(float(threshold)) or not 0.0 <= float(threshold) <= 1.0:
@@ -141,7 +141,7 @@ def check_threshold(criterion: str, threshold: object) -> float:
 
 
 def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
-    """Boolean mask [N]: which rows of probs [N,K] may leave at this exit (the exit rule of every stage)."""
+    """Boolean mask [N]: which rows of probs [N,K] may leave at this exit (the exit rule of every path)."""
     return get(criterion).passes(probs, threshold)
 
 

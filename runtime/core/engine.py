@@ -25,7 +25,7 @@ from ..common.errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 from .sessions import _check_providers, _check_threads, _one_line, make_session
-from .stages import Prediction, _check_io, _read_checked, _Stage  # noqa: F401 (Prediction: part of this API)
+from .graphs import Prediction, _check_io, _read_checked, Graph  # noqa: F401 (Prediction: part of this API)
 
 #: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
 MAX_RUN_BATCH = 256
@@ -45,7 +45,7 @@ def _exit_test(criterion: str, threshold: float) -> ExitTest:
     return criteria.get(criterion).scalar_test(threshold)
 
 
-def _stage_ms(marks: Sequence[float]) -> Tuple[float, ...]:
+def _segment_ms(marks: Sequence[float]) -> Tuple[float, ...]:
     """Milliseconds between consecutive ``time.perf_counter()`` marks."""
     return tuple((b - a) * 1000.0 for a, b in zip(marks, marks[1:]))
 
@@ -57,12 +57,12 @@ def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
 class Engine:
     """Runs an early-exit model folder. Create with ``Engine.load``."""
 
-    def __init__(self, folder: Path, manifest: Manifest, stages: List[_Stage], full: Optional[_Stage],
-                 threads: Optional[int], single: Optional[_Stage] = None):
+    def __init__(self, folder: Path, manifest: Manifest, segments: List[Graph], full: Optional[Graph],
+                 threads: Optional[int], single: Optional[Graph] = None):
         self.folder = folder
         self.manifest = manifest
         self.threads = threads
-        self._stages = stages
+        self._segments = segments
         self._full = full
         self._single = single  # early_exit.onnx: the whole model in one graph, for batch 1
         self._cum_macs = [s.cumulative_macs for s in manifest.segments]
@@ -83,9 +83,9 @@ class Engine:
         threads = _check_threads(threads)
         providers = _check_providers(providers)
         manifest = load_manifest(folder)
-        eeg = manifest.early_exit_graph
+        one_graph = manifest.early_exit_graph
         listed = ([s.file for s in manifest.segments] + ([manifest.full.file] if manifest.full else [])
-                  + ([eeg.file] if eeg else []))
+                  + ([one_graph.file] if one_graph else []))
         extra = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.name not in listed)
         if extra:
             raise ModelFolderError(f"{folder / extra[0]}: .onnx file not listed in {MANIFEST_NAME}"
@@ -93,31 +93,31 @@ class Engine:
                                    + "; the folder mixes two exports: remove it or re-export into an empty folder")
         blobs = [_read_checked(folder, s.file, s.sha256) for s in manifest.segments]
         full_blob = _read_checked(folder, manifest.full.file, manifest.full.sha256) if manifest.full else None
-        stages = []
+        segments = []
         for seg, blob in zip(manifest.segments, blobs):
             path = folder / seg.file
             sess = make_session(blob, threads, providers, shared_pool, name=str(path))
             outs = [seg.probs_output] + ([seg.feature_output] if seg.feature_output else [])
             _check_io(sess, path, [seg.inputs[0].name], outs)
-            stages.append(_Stage(sess, seg.inputs[0].name, outs, seg.file))
+            segments.append(Graph(sess, seg.inputs[0].name, outs, seg.file))
         full = None
         if manifest.full is not None:
             path = folder / manifest.full.file
             sess = make_session(full_blob, threads, providers, shared_pool, name=str(path))
             _check_io(sess, path, [manifest.full.input_name], [manifest.full.probs_output])
-            full = _Stage(sess, manifest.full.input_name, [manifest.full.probs_output], manifest.full.file)
+            full = Graph(sess, manifest.full.input_name, [manifest.full.probs_output], manifest.full.file)
         single = None
-        if eeg is not None:
-            path = folder / eeg.file
-            sess = make_session(_read_checked(folder, eeg.file, eeg.sha256), threads, providers, shared_pool,
+        if one_graph is not None:
+            path = folder / one_graph.file
+            sess = make_session(_read_checked(folder, one_graph.file, one_graph.sha256), threads, providers, shared_pool,
                                 name=str(path))
             _check_io(sess, path, ["image", "thresholds", "criterion"], ["probs", "exit"], inputs_count=3)
-            single = _Stage(sess, "image", ["probs", "exit"], eeg.file)
-        return cls(folder, manifest, stages, full, threads, single)
+            single = Graph(sess, "image", ["probs", "exit"], one_graph.file)
+        return cls(folder, manifest, segments, full, threads, single)
 
     @property
     def num_exits(self) -> int:
-        return len(self._stages)
+        return len(self._segments)
 
     @property
     def has_full(self) -> bool:
@@ -205,11 +205,11 @@ class Engine:
         x = self._check_input(x)
         n = x.shape[0]
         step = min(n if batch_size is None else _check_batch_size(batch_size), MAX_RUN_BATCH)
-        out = np.empty((len(self._stages), n, self._num_classes), dtype=np.float32)
+        out = np.empty((len(self._segments), n, self._num_classes), dtype=np.float32)
         for start in range(0, n, step):
             feed = x[start:start + step]
-            for k, stage in enumerate(self._stages):
-                outputs = self._run_stage(stage, feed)
+            for k, segment in enumerate(self._segments):
+                outputs = self._run_graph(segment, feed)
                 out[k, start:start + len(feed)] = outputs[0]
                 feed = outputs[1] if len(outputs) > 1 else None
         return out
@@ -218,20 +218,20 @@ class Engine:
         """Run a zero batch through every segment (and full.onnx) once, so the first timed call is not the slow one."""
         x = np.zeros((min(_check_batch_size(batch_size), MAX_RUN_BATCH),) + self._input_shape, dtype=np.float32)
         feed = x
-        for stage in self._stages:
-            outputs = self._run_stage(stage, feed)
+        for segment in self._segments:
+            outputs = self._run_graph(segment, feed)
             feed = outputs[1] if len(outputs) > 1 else None
         if include_full and self._full is not None:
-            self._run_stage(self._full, x)
+            self._run_graph(self._full, x)
         if self._single is not None:
-            self._run_single(x[:1], "max-prob", None)
+            self._predict_one_graph(x[:1], "max-prob", None)
 
     def run_full(self, x: np.ndarray) -> np.ndarray:
         """Probabilities [N, K] of the static student (full.onnx): no exits, one session."""
         if self._full is None:
             raise ErdeError(f"{self.folder}: this model folder has no full graph (manifest 'full' is empty)")
         x = self._check_input(x)
-        return self._run_stage(self._full, x)[0]
+        return self._run_graph(self._full, x)[0]
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1:] != self._input_shape or x.shape[0] < 1:
@@ -242,16 +242,16 @@ class Engine:
             x = np.ascontiguousarray(x, dtype=np.float32)
         return x
 
-    def _run_stage(self, stage: _Stage, x: np.ndarray) -> List[np.ndarray]:
+    def _run_graph(self, segment: Graph, x: np.ndarray) -> List[np.ndarray]:
         try:
-            outputs = stage.session.run(stage.output_names, {stage.input_name: x})
+            outputs = segment.session.run(segment.output_names, {segment.input_name: x})
         except Exception as e:
-            raise ModelFolderError(f"{self.folder / stage.file}: onnxruntime failed to run this graph "
+            raise ModelFolderError(f"{self.folder / segment.file}: onnxruntime failed to run this graph "
                                    f"({_one_line(e)}); check the manifest's input size against the graphs, "
                                    "or re-export the model folder") from None
         probs = outputs[0]
         if probs.ndim != 2 or probs.shape != (x.shape[0], self._num_classes):
-            raise ModelFolderError(f"{self.folder / stage.file}: probabilities of shape {probs.shape}, expected "
+            raise ModelFolderError(f"{self.folder / segment.file}: probabilities of shape {probs.shape}, expected "
                                    f"[{x.shape[0]}, {self._num_classes}] ({self._num_classes} class_names in "
                                    f"{MANIFEST_NAME}); re-export the model folder")
         return outputs
@@ -260,35 +260,35 @@ class Engine:
         """This thread's batch-1 segment chain (its buffers are bound on first use)."""
         chain = getattr(self._bound, "chain", None)
         if chain is None:
-            chain = self._bound.chain = bind_chain(self._stages, self._input_shape, self._num_classes)
+            chain = self._bound.chain = bind_chain(self._segments, self._input_shape, self._num_classes)
         return chain
 
     def _explain_failure(self, chain: Union[BoundChain, PlainChain]) -> None:
-        """A batch-1 run failed: run its stages again through ``_run_stage``, which raises the one-line error
+        """A batch-1 run failed: run its segments again through ``_run_graph``, which raises the one-line error
         of the graph at fault; if none fails that way, say the chain could not run."""
         feed = chain.feed(0)
-        for stage in chain.stages:
-            outputs = self._run_stage(stage, feed)
+        for segment in chain.segments:
+            outputs = self._run_graph(segment, feed)
             feed = outputs[1] if len(outputs) > 1 else feed
         raise ModelFolderError(f"{self.folder}: onnxruntime could not run the segment chain through bound buffers; "
                                "re-export the model folder")
 
     def _prediction(self, class_index: int, confidence: float, exit_index: int,
-                    stage_ms: Sequence[float]) -> Prediction:
-        """``stage_ms``: the milliseconds of every stage that ran (at least up to ``exit_index``)."""
-        seg = tuple(stage_ms[:exit_index + 1])
+                    segment_ms: Sequence[float]) -> Prediction:
+        """``segment_ms``: the milliseconds of every segment that ran (at least up to ``exit_index``)."""
+        seg = tuple(segment_ms[:exit_index + 1])
         macs = self._cum_macs[exit_index]
         return Prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
-                          len(self._stages), macs, macs / self._full_macs, sum(seg), seg)
+                          len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
 
-    def _run_one(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool) -> Prediction:
+    def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool) -> Prediction:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
         buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure.
         """
         if self._single is not None:
-            return self._run_single(x, criterion, threshold if early_exit else None)
+            return self._predict_one_graph(x, criterion, threshold if early_exit else None)
         chain = self._chain()
         try:
             k, values, marks = run_until(chain, x, _exit_test(criterion, threshold) if early_exit else None)
@@ -296,7 +296,7 @@ class Engine:
             self._explain_failure(chain)
             raise
         confidence = max(values)
-        return self._prediction(values.index(confidence), confidence, k, _stage_ms(marks))
+        return self._prediction(values.index(confidence), confidence, k, _segment_ms(marks))
 
     def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[float],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:
@@ -318,7 +318,7 @@ class Engine:
                                    f"({_one_line(e)}); re-export the model folder") from None
         return probs, int(exit_[0]), (time.perf_counter() - start) * 1000.0
 
-    def _run_single(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+    def _predict_one_graph(self, x: np.ndarray, criterion: str, threshold: Optional[float],
                     leave_at: Optional[int] = None) -> Prediction:
         """Batch 1 through early_exit.onnx. The per-segment split of the time is not observable here:
         ``segment_latency_ms`` holds the whole call as one entry."""
@@ -337,7 +337,7 @@ class Engine:
     def time_to_exit(self, x: np.ndarray, k: int) -> float:
         """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""
         if self._single is not None:
-            return self._run_single(x, "max-prob", None, leave_at=k).latency_ms
+            return self._predict_one_graph(x, "max-prob", None, leave_at=k).latency_ms
         _, _, marks = run_until(self._chain(), x, _exit_test("max-prob", 2.0), last=k)  # nobody leaves early
         return (marks[-1] - marks[0]) * 1000.0
 
@@ -349,8 +349,8 @@ class Engine:
     def _run(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool = True) -> List[Prediction]:
         n = x.shape[0]
         if n == 1:
-            return [self._run_one(x, criterion, threshold, early_exit)]
-        last = len(self._stages) - 1
+            return [self._predict_batch1(x, criterion, threshold, early_exit)]
+        last = len(self._segments) - 1
         classes = np.empty(n, dtype=np.int64)
         confidence = np.empty(n, dtype=np.float32)
         exits = np.empty(n, dtype=np.int64)
@@ -358,8 +358,8 @@ class Engine:
         feed = x
         marks = []
         start = time.perf_counter()
-        for k, stage in enumerate(self._stages):
-            outputs = self._run_stage(stage, feed)
+        for k, segment in enumerate(self._segments):
+            outputs = self._run_graph(segment, feed)
             probs = outputs[0]
             if k == last:
                 leave = np.ones(len(active), dtype=bool)
@@ -382,7 +382,7 @@ class Engine:
                 feed = outputs[1][keep]
             else:
                 feed = outputs[1]
-        times_ms = _stage_ms([start] + marks)
+        times_ms = _segment_ms([start] + marks)
         return [self._prediction(c, conf, e, times_ms)
                 for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist())]
 

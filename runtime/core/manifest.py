@@ -277,7 +277,7 @@ def manifest_from_dict(d: Any) -> Manifest:
             prec = _typed(f, "precision", str, w, errors, "fp32")
             _check(prec in PRECISIONS, f"{w}.precision: {prec!r} is not one of {PRECISIONS}", errors)
             full = FullGraph(precision=prec, **vals)
-    eeg = None
+    one_graph = None
     g = _typed(d, "early_exit_graph", (dict, type(None)), where, errors, None)
     if g is not None:
         w = "manifest.early_exit_graph"
@@ -285,7 +285,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         if None not in vals.values():
             _check(_plain_file_name(vals["file"]), f"{w}.file: {vals['file']!r} must be a plain file name inside the "
                    "model folder", errors)
-            eeg = EarlyExitGraph(**vals)
+            one_graph = EarlyExitGraph(**vals)
     crit = _typed(d, "default_criterion", str, where, errors, "max-prob")
     _check(crit in CRITERIA, f"manifest.default_criterion: {crit!r} is not one of {CRITERIA}", errors)
     thr = _typed(d, "default_threshold", (int, float), where, errors, 0.9)
@@ -327,7 +327,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         _check(segments[-1].feature_output is None, "manifest.segments[-1]: the last segment must not have feature_output", errors)
         cum = [s.cumulative_macs for s in segments]
         _check(cum == sorted(cum), "manifest.segments: cumulative_macs must not decrease", errors)
-        files = [s.file for s in segments] + ([full.file] if full is not None else []) + ([eeg.file] if eeg else [])
+        files = [s.file for s in segments] + ([full.file] if full is not None else []) + ([one_graph.file] if one_graph else [])
         dupes = sorted({f for f in files if files.count(f) > 1})
         _check(not dupes, f"manifest: file name(s) {dupes} used by more than one graph", errors)
         if full is None:
@@ -339,7 +339,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         model_name=model_name, class_names=list(class_names), preprocessing=pre, segments=segments, full=full,
         default_criterion=crit, default_threshold=float(thr), calibration=cal, opset=opset,
         mac_convention=d.get("mac_convention", MAC_CONVENTION), metrics=dict(metrics), source=dict(source),
-        quantization=dict(quantization or {}), early_exit_graph=eeg, unsure=unsure, schema_version=version,
+        quantization=dict(quantization or {}), early_exit_graph=one_graph, unsure=unsure, schema_version=version,
     )
 
 

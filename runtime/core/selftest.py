@@ -40,9 +40,9 @@ class Tolerance:
     max_prob_diff: float
 
 
-#: By precision, for 24 images. fp32: rounding only (4e-7 between an AVX-512 EPYC and emulated Haswell);
-#: one near-tie may flip. int8: the integer sums are exact, the requantization and the fp32 parts around it
-#: may round differently on other kernels; two near-ties may flip. A saturating kernel agrees on about 40%.
+#: By precision, for 24 images. fp32: rounding only; one near-tie may flip. int8: the integer sums are exact,
+#: the requantization and the fp32 parts around it may round differently on other kernels; two near-ties may
+#: flip. A saturating kernel agrees far less (the measured figures are in the README and FACTS).
 TOLERANCES = {"fp32": Tolerance(0.95, 0.90, 1e-3), "int8": Tolerance(0.90, 0.85, 0.10)}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Optional
 
 from .preprocess import ImageInput, preprocess_one
-from .stages import Prediction
+from .graphs import Prediction
 
 
 def stream(engine, frames: Iterable[ImageInput], threshold: Optional[float] = None,

@@ -179,11 +179,11 @@ def validation_probs(engine, files: Sequence[Path], batch_size: int = BATCH_SIZE
     """Preprocess the files as erde-run does and return every exit's probabilities [E, N, K]."""
     from ..core.preprocess import preprocess_one
 
-    from ..common.progress import stage
+    from ..common.progress import step
 
     pre = engine.manifest.preprocessing
     parts = []
-    with stage(f"images through {engine.num_exits} exits", total=len(files)) as tick:
+    with step(f"images through {engine.num_exits} exits", total=len(files)) as tick:
         for start in range(0, len(files), batch_size):
             x = np.stack([preprocess_one(p, pre) for p in files[start:start + batch_size]])
             parts.append(engine.exit_probs(x))

@@ -83,8 +83,8 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
     latency is the wall time of the call a user makes (what erde-bench times).
 
     Each round times every series in a block of consecutive calls, as erde-bench does. Calls alternated
-    one by one would make each graph find its weights evicted by the others': on the bundled model that
-    put full.onnx at 0.45-0.53 ms against 0.41-0.42 ms run on its own.
+    one by one would make each graph find its weights evicted by the others', and time them slower than
+    they run on their own (benchmarks/results/README.md has the figures).
     """
     if calls < rounds or rounds < 1:
         raise ErdeError(f"need at least {rounds} calls (got {calls})")
@@ -108,14 +108,14 @@ def measure(engine, calls: int = 2000, rounds: int = 5, warmup: int = 50, seed: 
         engine.predict_array(x, early_exit=False)
         return (clock() - t0) * 1000.0
 
-    from ..common.progress import stage
+    from ..common.progress import step
 
     cum: List[List[float]] = [[] for _ in range(n_exits)]
     full: List[float] = []
     whole: List[float] = []
     totals: List[float] = []
     per_round = max(1, calls // rounds)
-    with stage(f"timing {n_exits} exits and full.onnx in rounds of {per_round} calls", total=rounds) as tick:
+    with step(f"timing {n_exits} exits and full.onnx in rounds of {per_round} calls", total=rounds) as tick:
         for r in range(rounds):  # each series in a block of consecutive calls, as a user's calls come
             for k in range(n_exits):
                 cum[k] += [engine.time_to_exit(x, k) for _ in range(per_round)]

@@ -28,7 +28,7 @@ from ..common.files import IMAGE_EXTENSIONS
 from ..common.errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
 from ..core.criteria import RULES
 from ..core.manifest import CRITERIA, MANIFEST_NAME
-from ..core.stages import Prediction
+from ..core.graphs import Prediction
 
 BUNDLED_MODEL = BUNDLED_MODELS / "cifar10"  # what a command runs without a folder
 

@@ -11,7 +11,7 @@ from typing import Optional, TextIO
 
 from ..common.errors import EXIT_FAILED, EXIT_OK
 from ..core.preprocess import preprocess_one
-from ..core.stages import Prediction
+from ..core.graphs import Prediction
 
 
 def run_frames(engine, args, criterion: str, threshold: float, floor: Optional[float], out: TextIO,

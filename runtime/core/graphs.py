@@ -41,7 +41,7 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class _Stage:
+class Graph:
     session: Any
     input_name: str
     output_names: List[str]  # [probs] or [probs, features]

@@ -1,9 +1,9 @@
-"""runtime/core/stages.py: a model folder's graph files are read only when they match the manifest."""
+"""runtime/core/graphs.py: a model folder's graph files are read only when they match the manifest."""
 
 import pytest
 
 from erde.runtime.common.errors import ErdeError
-from erde.runtime.core.stages import Prediction, _read_checked
+from erde.runtime.core.graphs import Prediction, _read_checked
 
 
 def test_read_checked(tmp_path):

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
-from erde.training.models import parse_exits
 from erde.runtime.common.cli import command, console_script, force_option
 
-from .exporter import default_out_dir, export_checkpoint
 
 
 @command("erde-export")
@@ -35,6 +33,10 @@ def cli(checkpoint: Path, out: Path, data: Path, force: bool, exits: str, single
     against the ONNX graphs and checks that ONNX Runtime matches PyTorch;
     the folder appears only if all checks pass.
     """
+    from erde.training.models import parse_exits  # torch: imported here, so that --help and bad options are quick
+
+    from .exporter import default_out_dir, export_checkpoint
+
     out = out or default_out_dir(checkpoint)
     keep = parse_exits(exits) if exits else None
     shown = []

@@ -253,7 +253,8 @@ def test_bad_options(capsys, model, data, args, message):
     assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("Error: ") and message in err, err
 
 
-def test_bad_data(capsys, model, tmp_path):
+def test_bad_data(capsys, model, tmp_path, monkeypatch):
+    monkeypatch.delenv("ERDE_DATA", raising=False)  # --data falls back to it, as in every command
     empty = tmp_path / "empty"
     for k in range(4):
         (empty / "train" / f"class{k}").mkdir(parents=True)

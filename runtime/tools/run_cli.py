@@ -206,6 +206,11 @@ def _run(args: SimpleNamespace, out: TextIO, err: TextIO) -> int:
                          "FILE, or --camera INDEX (see erde-run --help)")
     if args.image.count(STDIN) > 1:
         raise UsageError("--image - (standard input) may be given once")
+    missing = [p for p in args.image if p != STDIN and not Path(p).exists()]
+    if missing and len(missing) == len(args.image) and not args.folder:  # nothing could run: say so before loading
+        n = len(missing) - 1
+        others = f" (nor are the {n} other image{'s' * (n != 1)} given)" if n else ""
+        raise ErdeError(f"{missing[0]}: no such file{others}; pass an image file or a folder of images")
     if args.static and (args.threshold is not None or args.criterion is not None):
         raise UsageError("--static runs full.onnx without early exits; drop --threshold and --criterion")
     engine = Engine.load(model_folder(args.model), threads=args.threads)

@@ -223,5 +223,5 @@ def test_static_refuses_a_threshold_and_a_folder_without_full_onnx(capsys, model
 
 def test_only_missing_images_is_one_line_before_the_model_loads(capsys, model, tmp_path):
     rc, out, err = run(capsys, "--model", model, tmp_path / "nosuch.png", tmp_path / "other.png")
-    assert rc == 2 and out == "" and err == (f"Error: {tmp_path / 'nosuch.png'}: no such file (nor are the 1 other "
+    assert rc == 2 and out == "" and err == (f"Error: {tmp_path / 'nosuch.png'}: no such file (nor is the 1 other "
                                              "image given); pass an image file or a folder of images\n")

@@ -209,7 +209,7 @@ def _run(args: SimpleNamespace, out: TextIO, err: TextIO) -> int:
     missing = [p for p in args.image if p != STDIN and not Path(p).exists()]
     if missing and len(missing) == len(args.image) and not args.folder:  # nothing could run: say so before loading
         n = len(missing) - 1
-        others = f" (nor are the {n} other image{'s' * (n != 1)} given)" if n else ""
+        others = f" (nor {'is' if n == 1 else 'are'} the {n} other image{'s' * (n != 1)} given)" if n else ""
         raise ErdeError(f"{missing[0]}: no such file{others}; pass an image file or a folder of images")
     if args.static and (args.threshold is not None or args.criterion is not None):
         raise UsageError("--static runs full.onnx without early exits; drop --threshold and --criterion")

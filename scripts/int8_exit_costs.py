@@ -157,12 +157,9 @@ def cli(**kw) -> int:
     r = measure(model_folder(args.model), Path(args.data), args.threads, args.calls, args.max_images)
     text = report(r, command_line())
     if args.out:
-        from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
+        from erde.runtime.common.ownership import write_record
 
-        def build(folder: Path) -> None:
-            (folder / "README.md").write_text(text)
-            (folder / "results.json").write_text(json.dumps(r, indent=1))
-        build_folder(args.out, True, "erde-record", BENCH_TOOLS, build)
+        write_record(args.out, {"README.md": text, "results.json": json.dumps(r, indent=1)})
     print(text)
     return 0
 

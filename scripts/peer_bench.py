@@ -178,7 +178,7 @@ def _run(args, command: str) -> int:
         return 0
     from erde.runtime.common import machine
     from erde.runtime.common.errors import ErdeError
-    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime.common.ownership import write_record
 
     results = {}
     for t in [int(v) for v in args.threads.split(",")]:
@@ -207,10 +207,7 @@ def _run(args, command: str) -> int:
     text = "\n".join(lines)
 
     if args.out:
-        def build(folder: Path) -> None:
-            (folder / "README.md").write_text(text)
-            (folder / "results.json").write_text(json.dumps(results, indent=1))
-        build_folder(args.out, True, "erde-record", BENCH_TOOLS, build)
+        write_record(args.out, {"README.md": text, "results.json": json.dumps(results, indent=1)})
     print(text)
     return 0
 

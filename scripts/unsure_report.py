@@ -49,7 +49,7 @@ def _run(args, command: str) -> int:
     from erde.runtime.common.datasets import image_folder_split
     from erde.runtime.core.engine import Engine
     from erde.runtime.common.errors import ErdeError
-    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime.common.ownership import write_record
     from erde.runtime.core.preprocess import preprocess
     from erde.runtime.core.unsure import answers, curve
 
@@ -90,11 +90,7 @@ def _run(args, command: str) -> int:
             "--unsure-coverage`); the test split and the photos were read afterwards. `curve.csv` holds coverage "
             "against accuracy on the answered images at floors 0 to 1 in steps of 0.05, on both splits.", ""]
 
-    def build(tmp: Path) -> None:
-        (tmp / "README.md").write_text("\n".join(head + md))
-        (tmp / "curve.csv").write_text(buf.getvalue())
-
-    build_folder(args.out, True, "erde-record", BENCH_TOOLS, build)
+    write_record(args.out, {"README.md": "\n".join(head + md), "curve.csv": buf.getvalue()})
     print("\n".join(md))
     return 0
 

@@ -11,7 +11,6 @@ Run it on a quiet machine.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ def _run(args, command: str) -> int:
     from erde.runtime.common import machine
     from erde.runtime.common.datasets import image_folder_split
     from erde.runtime.common.errors import ErdeError
-    from erde.runtime.common.ownership import BENCH_TOOLS, build_folder
+    from erde.runtime.common.ownership import write_record
 
     test = image_folder_split(args.data, "test")
     files = test.files[:: max(1, len(test.files) // args.frames)][: args.frames]
@@ -87,11 +86,8 @@ def _run(args, command: str) -> int:
                      f"{d['fps']:.0f} | {' / '.join(f'{100 * x:.0f}%' for x in d['exit_shares'])} |")
     text = "\n".join(lines) + "\n"
 
-    def build(folder: Path) -> None:
-        (folder / "README.md").write_text(text)
-        (folder / "runs.json").write_text(json.dumps({f"{s[0]}x{s[1]} {m}": r for (s, m), r in results.items()}, indent=1))
-
-    build_folder(args.out, True, "erde-record", BENCH_TOOLS, build)
+    write_record(args.out, {"README.md": text, "runs.json": json.dumps({f"{s[0]}x{s[1]} {m}": r
+                                                                         for (s, m), r in results.items()}, indent=1)})
     print(text)
     return 0
 

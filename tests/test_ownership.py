@@ -123,3 +123,16 @@ def test_a_killed_runs_temporary_folder_goes_on_any_later_run(tmp_path):
     other.parent.mkdir()
     tmp = new_temp_dir(other)
     assert not left[0].exists() and tmp.exists()
+
+
+def test_a_record_folder_is_written_whole_and_replaced_only_if_a_script_wrote_it(tmp_path):
+    from erde.runtime.common.ownership import write_record
+
+    out = write_record(tmp_path / "rec", {"README.md": "# one", "results.json": "{}"})
+    assert (out / "README.md").read_text() == "# one" and (out / "results.json").read_text() == "{}"
+    write_record(out, {"README.md": "# two"})  # its own record: replaced
+    assert sorted(p.name for p in out.iterdir()) == [".erde-owner.json", "README.md"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UnsafePathError, match="notes.txt"):
+        write_record(out, {"README.md": "# three"})
+    assert (out / "README.md").read_text() == "# two" and (out / "notes.txt").read_text() == "mine"

@@ -288,3 +288,15 @@ def check_updatable(folder: PathLike, files: Dict[str, Callable[[Path], bool]], 
                                   f"not write; move it away, or {elsewhere}")
     if not os.access(folder, os.W_OK):
         raise UnsafePathError(f"{folder}: read-only here; {elsewhere}")
+
+
+def write_record(out: PathLike, files: Dict[str, str]) -> Path:
+    """A record folder of the scripts (``benchmarks/results/NAME``): these files (name -> text), built and
+    swapped in whole; an existing ``out`` is replaced only if ``erde-record`` (or ``erde-bench``) wrote it."""
+
+    def build(folder: Path) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+    build_folder(out, True, "erde-record", BENCH_TOOLS, build)
+    return Path(out)

@@ -8,9 +8,9 @@ One fresh process per thread count (onnxruntime's thread pool is fixed per proce
 every image once, in interleaved rounds of 500 images per method; latency is the wall time of one call (the
 image already preprocessed), accuracy is over the same calls. OpenVINO is compiled as its documentation advises
 for latency (PERFORMANCE_HINT LATENCY, one stream, INFERENCE_NUM_THREADS), with f32 inference precision so
-that its fp32 answers are fp32 (on CPUs with bf16 its default may be bf16). earlyon's staged execution was not
-tried: it splits only backbones that are a literal nn.Sequential with its own exit heads, which this student
-is not. Needs openvino and torch; run it on a quiet machine.
+that its fp32 answers are fp32 (on CPUs with bf16 its default may be bf16). earlyon's staged execution
+(``earlyon_methods``) runs the same trained weights and heads. Needs openvino, earlyon (``pip install --no-deps
+earlyon==0.3.0``: its torchvision models are not used) and torch; run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Dict, Tuple
@@ -122,6 +123,49 @@ def torch_methods(threads: int) -> Dict[str, Method]:
     return {"PyTorch eager static": run_static, "PyTorch eager early-exit loop": run_loop}
 
 
+def earlyon_methods(threads: int) -> Dict[str, Method]:
+    """earlyon 0.3.0's staged execution (``earlyon.staged``) on the same trained weights and heads.
+
+    Its splitter takes a backbone that is a literal ``nn.Sequential`` with the exits at top-level children, and
+    the final classifier inside it: the student's stem, three blocks and final head are exactly that, in order,
+    and its trained exit heads (after blocks 1 and 2) stand in for earlyon's own. ``staged_model`` checks the
+    split against earlyon's eager wrapper before it returns. Its rule is earlyon's "confidence" routing (softmax
+    maximum >= threshold, temperature 1), the same as the bundle's max-prob criterion at its threshold.
+    """
+    import torch
+    from torch import nn
+    from earlyon.core.types import EarlyExitConfig, ExitPoint
+    from earlyon.core.wrappers import EarlyExitWrapper
+    from earlyon.staged import staged_model
+
+    from erde.runtime import bundled_model
+    from erde.runtime.core.manifest import load_manifest
+    from erde.training.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(CHECKPOINT)
+    model.eval()
+    cal = load_manifest(bundled_model("cifar10")).calibration
+    if cal.criterion != "max-prob":
+        raise ValueError(f"earlyon's confidence rule is max-prob; the bundle is calibrated for {cal.criterion}")
+    backbone = nn.Sequential(model.stem, *model.blocks, model.final)  # children "0" (stem), "1".."3", "4"
+    after = list(model.cfg.exit_after)
+    points = [ExitPoint(f"e{i}", str(b + 1), model.cfg.widths[b]) for i, b in enumerate(after)]
+    config = EarlyExitConfig(backbone="custom", num_classes=model.cfg.num_classes, exit_points=points,
+                             confidence_thresholds=[cal.threshold] * len(points), routing_policy="confidence")
+    wrapper = EarlyExitWrapper(backbone, {f"e{i}": model.heads[i] for i in range(len(points))}, lambda h: h, config,
+                               input_shape=(1, 3) + tuple(model.cfg.input_size))
+    with warnings.catch_warnings():  # its FLOPs estimate cannot attribute the blocks' shared activation modules
+        warnings.simplefilter("ignore", RuntimeWarning)
+        staged = staged_model(wrapper.eval()).eval()
+    last = model.cfg.num_exits - 1
+
+    def run(x):
+        r = staged.infer(torch.from_numpy(x))
+        return int(r.prediction[0].argmax()), last if r.exit_taken < 0 else r.exit_taken
+    return {"earlyon 0.3.0 staged (PyTorch eager)": run}
+
+
 def measure(data: Path, threads: int, images: int, block: int = 500) -> dict:
     """Every method on every image, in interleaved rounds of ``block`` images; this process's one thread count."""
     from erde.runtime import bundled_model
@@ -134,7 +178,8 @@ def measure(data: Path, threads: int, images: int, block: int = 500) -> dict:
     pre = load_manifest(bundled_model("cifar10")).preprocessing
     xs = [preprocess_one(test.files[i], pre)[None] for i in pick]
     labels = test.labels[pick]
-    methods = {**ort_methods(threads), **openvino_methods(threads), **torch_methods(threads)}
+    methods = {**ort_methods(threads), **openvino_methods(threads), **torch_methods(threads),
+               **earlyon_methods(threads)}
     for run in methods.values():  # warm-up
         for x in xs[:20]:
             run(x)

@@ -1,6 +1,6 @@
 """erde-quantize: static INT8 versions of a model folder's graphs, calibrated on the validation split.
 
-    erde-quantize MODEL_DIR --data PATH --out DIR [--images 200]
+    erde-quantize [--model DIR] --data PATH --out DIR [--max-images 200]
 
 Each segment (and full.onnx) is quantized with onnxruntime's static quantization: QDQ format,
 per-channel int8 weights in the reduced range [-64, 64] (``reduce_range``), uint8 activations, MinMax

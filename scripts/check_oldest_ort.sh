@@ -15,14 +15,14 @@ here=$(command -v erde-run) || { echo "Error: erde-run is not on PATH; activate 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install -q "onnxruntime==1.19.2" numpy Pillow 2>&1 | grep -v WARNING || true
+"$tmp/venv/bin/pip" install -q "onnxruntime==1.19.2" numpy Pillow click 2>&1 | grep -v WARNING || true
 "$tmp/venv/bin/pip" install -q --no-deps . 2>&1 | grep -v WARNING || true
 "$tmp/venv/bin/python" -c "import onnxruntime; print('old:', onnxruntime.__version__)"
-"$here" "${model[@]}" --folder "$images" --json > "$tmp/new.jsonl"
-(cd "$tmp" && "$tmp/venv/bin/erde-run" "${model[@]}" --folder "$images" --json > "$tmp/old.jsonl")  # not this checkout's files
+"$here" "${model[@]}" --early-exit --folder "$images" --json > "$tmp/new.jsonl"  # the same path in both
+(cd "$tmp" && "$tmp/venv/bin/erde-run" "${model[@]}" --early-exit --folder "$images" --json > "$tmp/old.jsonl")  # not this checkout's files
 python3 - "$tmp/old.jsonl" "$tmp/new.jsonl" <<'PY'
 import json, sys
-old, new = ([json.loads(line) for line in open(f)] for f in sys.argv[1:])
+old, new = ([r for r in map(json.loads, open(f)) if "image" in r] for f in sys.argv[1:])  # not the summary line
 same = sum((a["image"], a["class_index"], a["exit_index"]) == (b["image"], b["class_index"], b["exit_index"])
            for a, b in zip(old, new))
 diff = max(abs(a["confidence"] - b["confidence"]) for a, b in zip(old, new))

@@ -24,4 +24,5 @@ def test_the_decomposition_adds_up(tmp_path):
     assert set(ms) == {"segment 1", "trunk 1", "head 1", "segment 2", "trunk 2", "head 2", "segment 3", "full.onnx"}
     assert abs(sum(res["exit_shares"]) - 1) < 1e-9 and res["images"] == 12
     assert res["expected_free_heads_ms"] < res["expected_graph_ms"]  # a head costs something
+    assert 0 < res["bound_no_overhead_ms"] <= ms["full.onnx"]
     assert "| head 1 |" in (out / "README.md").read_text()

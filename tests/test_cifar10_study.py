@@ -106,6 +106,7 @@ def test_the_whole_study_then_a_fresh_work_folder_reuses_the_committed_checkpoin
                         beta_grid=(0.5,), results="x", seeds=(0,), batch_size=16)
     monkeypatch.setitem(study.BUDGETS, "tiny", tiny)
     monkeypatch.setattr(study, "latency_profile", lambda d, t: _fake_profile(d))
+    monkeypatch.setattr(study, "_erde", _erde_in_process)
     results = tmp_path / "results"
     args = ["--data", str(tiny_data), "--budget", "tiny", "--results", str(results), "--threads", "1"]
     assert study.main(args + ["--work", str(tmp_path / "w1")]) == 0
@@ -119,6 +120,16 @@ def test_the_whole_study_then_a_fresh_work_folder_reuses_the_committed_checkpoin
     assert json.loads((results / "summary.json").read_text())["summary"] == json.loads(first)["summary"]
 
 
+def _erde_in_process(tool, *args):
+    """The study's steps run the same console scripts in this process: what is tested is the study's logic
+    (reuse, commit, report), not a fresh process, and each subprocess would spend seconds importing torch."""
+    from erde.export.cli import main as export_main
+    from erde.training.cli import main as train_main
+
+    study._log(" ".join([tool, *map(str, args)]))
+    assert {"erde-train": train_main, "erde-export": export_main}[tool]([str(a) for a in args]) == 0
+
+
 def _fake_profile(model_dir):
     """A made-up latency profile (timing is not what this test checks): 1 ms per segment."""
     from erde.runtime.core.manifest import load_manifest
@@ -127,3 +138,9 @@ def _fake_profile(model_dir):
     m = load_manifest(model_dir)
     return LatencyProfile(MachineKey("test cpu", 2, 1, "0"), model_sha256(m), tuple(1.0 for _ in m.segments),
                           float(len(m.segments)), 0.0, 1, "now")
+
+
+def test_a_failing_step_stops_the_study_with_one_line(capsys):
+    """The study runs each step as its console script in a fresh process; a failure names the step."""
+    with pytest.raises(study.ErdeError, match="step failed .erde-export exited 2.; fix the cause and rerun"):
+        study._erde("erde-export", "--no-such-option")

@@ -11,7 +11,7 @@ import click
 import torch
 
 from erde.runtime.core.criteria import CRITERIA, sweep
-from erde.runtime.common.cli import debug_option, console_script, group, json_option
+from erde.runtime.common.cli import POSITIVE, console_script, debug_option, group, json_option
 from erde.runtime.common.errors import ErdeError
 
 from . import distributed
@@ -53,8 +53,8 @@ def _data_options(fn):
         click.option("--val-fraction", default=0.1, show_default=True, type=float,
                      help="Share of the training data held out for validation (deterministic, stratified)."),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--threads", type=click.IntRange(min=1),
-                     help="CPU threads for torch (default: all cores, shared out among the processes on a node)."),
+        click.option("--threads", type=POSITIVE, metavar="N",
+                     help="torch threads (default: one per core, shared out among the processes on a node)."),
         click.option("--device", type=click.Choice(distributed.DEVICE_CHOICES), default="auto", show_default=True,
                      help="auto: the GPU when CUDA is available, else the CPU. Under torchrun each process "
                           "takes GPU LOCAL_RANK."),

@@ -133,7 +133,9 @@ def _erde_in_process(tool, *args):
 def _fake_profile(model_dir):
     """A made-up latency profile (timing is not what this test checks): 1 ms per segment."""
     from erde.runtime.core.manifest import load_manifest
-    from erde.runtime.tools.profile import LatencyProfile, MachineKey, model_sha256
+    from erde.runtime.common.machine import MachineKey
+    from erde.runtime.core.manifest import model_sha256
+    from erde.runtime.tools.profile import LatencyProfile
 
     m = load_manifest(model_dir)
     return LatencyProfile(MachineKey("test cpu", 2, 1, "0"), model_sha256(m), tuple(1.0 for _ in m.segments),

@@ -15,8 +15,10 @@ from erde.runtime.tools.calibrate import choose, latency_cost, threshold_table
 from erde.runtime.tools.calibrate_cli import main as calibrate_main
 from erde.runtime.tools.run_cli import main as run_main
 from erde.runtime.core.engine import Engine
-from erde.runtime.tools.profile import (PROFILE_NAME, LatencyProfile, MachineKey, ProfileError, find_profile,
-                                  load_profiles, measure, model_sha256, other_thread_counts, save_profile)
+from erde.runtime.common.machine import MachineKey
+from erde.runtime.core.manifest import model_sha256
+from erde.runtime.tools.profile import (PROFILE_NAME, LatencyProfile, ProfileError, find_profile,
+                                  load_profiles, measure, other_thread_counts, save_profile)
 from erde.runtime.tools.profile_cli import main as profile_main
 from runtime_fixtures import make_train_folder, console_command, make_model_folder, random_image
 

@@ -49,7 +49,7 @@ from ..common.datasets import ValidationData, validation_files
 from ..common.files import write_atomic
 from ..common.ownership import check_updatable, record_files
 from ..common.errors import ErdeError
-from ..core.manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, default_val_fraction, save_manifest  # noqa: F401
+from ..core.manifest import CRITERIA, MANIFEST_NAME, Calibration, Manifest, default_val_fraction, save_manifest
 from .profile import LatencyProfile, ProfileError, find_profile
 from ..core.unsure import answers, choose_floor
 

@@ -17,14 +17,14 @@ from typing import TextIO
 
 import click
 
-from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, MANIFEST_NAME, TABLE_NAME, Choice,
+from .calibrate import (DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_POINTS, EXIT_NOT_MET, EXIT_OK, TABLE_NAME, Choice,
                         Result, ThresholdRow, calibrate, check_confidence, check_target, latency_cost)
 from ..common.cli import (FINITE, PATH, UsageError, command, data_option, console_script, exclusive, force_option, json_option,
                           model_option, no_verify_option, threads_option)
 from .run_cli import model_folder
 from ..common.errors import ErdeError
 from ..core.criteria import RULES
-from ..core.manifest import CRITERIA, load_manifest
+from ..core.manifest import CRITERIA, MANIFEST_NAME, load_manifest
 from ..common.ownership import MODEL_TOOLS, build_folder, check_replaceable
 from ..core.selftest import SELFTEST_NAME
 

@@ -31,17 +31,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import click
 import numpy as np
 
-from erde.runtime.common.datasets import validation_files
-from erde.runtime.core.manifest import default_val_fraction
-import click
-
+from erde.export.int8_graphs import WEIGHT_LIMIT, rewrite_chain
 from erde.runtime.common.cli import PATH, POSITIVE, command, data_option, console_script, force_option, model_option
-from erde.runtime.core.engine import Engine
+from erde.runtime.common.datasets import validation_files
 from erde.runtime.common.errors import ErdeError
-from erde.runtime.core.manifest import Manifest, load_manifest, save_manifest
 from erde.runtime.common.ownership import MODEL_TOOLS, build_folder, check_replaceable, sha256_file
+from erde.runtime.core.engine import Engine
+from erde.runtime.core.manifest import (Manifest, Segment, TensorSpec, default_val_fraction, load_manifest,
+                                        save_manifest)
 from erde.runtime.core.preprocess import load_image, preprocess_one
 from erde.runtime.core.selftest import build_selftest
 from erde.runtime.tools.run_cli import model_folder
@@ -52,11 +52,13 @@ DEFAULT_IMAGES = 200
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool", "AveragePool"]
 #: int8 weights within [-64, 64] (onnxruntime's reduce_range for symmetric weights): a pair of uint8 x int8
 #: products fits int16, 255 * 64 * 2 = 32640 <= 32767 (and -32640 >= -32768); 255 * 65 * 2 = 33150 does not.
-SAFE_WEIGHT_RANGE = (-64, 64)
+SAFE_WEIGHT_RANGE = (-WEIGHT_LIMIT, WEIGHT_LIMIT)
 SETTINGS = {"method": "onnxruntime static quantization", "format": "QDQ",
             "weights": "int8, per channel, reduced range [-64, 64] (reduce_range)", "activations": "uint8",
             "ranges": "MinMax", "ops": ", ".join(QUANTIZED_OPS),
-            "safe_on": "every CPU: int16 pair sums cannot saturate on x86 without VNNI"}
+            "safe_on": "every CPU: int16 pair sums cannot saturate on x86 without VNNI",
+            "boundaries": "uint8 NHWC feature maps between segments (int8_graphs.pass_uint8)",
+            "exit_heads": "integer: Max, MatMulInteger over the uint8 features (int8_graphs.integer_head)"}
 
 
 class QuantizeError(ErdeError):
@@ -104,22 +106,21 @@ def _onnx():
 def saturation_risks(path: Path) -> List[str]:
     """Why the int8 graph at ``path`` could give wrong answers on an x86 CPU without VNNI ([] if it cannot).
 
-    Those CPUs' u8s8 kernels add pairs of uint8 x int8 products in int16, so every int8 weight that a
-    DequantizeLinear reads from the graph's initializers must lie in ``SAFE_WEIGHT_RANGE`` (7-bit).
+    Those CPUs' u8s8 kernels add pairs of uint8 x int8 products in int16, so every int8 weight of the graph
+    (every int8 initializer: what DequantizeLinear, MatMulInteger and the like read) must lie in
+    ``SAFE_WEIGHT_RANGE`` (7-bit).
     """
     onnx = _onnx()
     from onnx import numpy_helper
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {i.name: i for i in graph.initializer}
     lo, hi = SAFE_WEIGHT_RANGE
     risks = []
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if init.data_type != onnx.TensorProto.INT8:
             continue
-        w = numpy_helper.to_array(inits[node.input[0]])
-        if w.dtype == np.int8 and w.size and (int(w.min()) < lo or int(w.max()) > hi):
-            risks.append(f"{node.input[0]}: int8 weights in [{int(w.min())}, {int(w.max())}], beyond [{lo}, {hi}]")
+        w = numpy_helper.to_array(init)
+        if w.size and (int(w.min()) < lo or int(w.max()) > hi):
+            risks.append(f"{init.name}: int8 weights in [{int(w.min())}, {int(w.max())}], beyond [{lo}, {hi}]")
     return risks
 
 
@@ -167,10 +168,28 @@ def _quantize_graph(src: Path, dst: Path, input_name: str, x: np.ndarray, work: 
                             "quantizer's own sessions cannot join; quantize in a fresh process (erde-quantize)") from None
     finally:
         copy.unlink(missing_ok=True)
-    risks = saturation_risks(dst)
-    if risks:
-        raise QuantizeError(f"{src.name}: the int8 graph could saturate on x86 CPUs without VNNI ({risks[0]}); "
-                            "nothing was written")
+
+
+def _rewrite_chain(model_dir: Path, tmp: Path, manifest: Manifest, report: Callable[[str], None]) -> List[Segment]:
+    """uint8 boundaries and integer exit heads (``int8_graphs``) on the int8 segments in ``tmp``; the segments'
+    manifest entries, with the uint8 NHWC feature maps where a boundary was rewritten."""
+    onnx = _onnx()
+    segs = manifest.segments
+    int8 = [onnx.load(str(tmp / s.file)) for s in segs]
+    lines = rewrite_chain(int8, [onnx.load(str(model_dir / s.file)) for s in segs],
+                          [s.feature_output for s in segs[:-1]], [s.probs_output for s in segs[:-1]])
+    specs = {}  # the new type and shape of each rewritten feature map
+    for m, s in zip(int8, segs):
+        onnx.save(m, str(tmp / s.file))
+        for v in list(m.graph.input) + list(m.graph.output):
+            if v.type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+                specs[v.name] = TensorSpec(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                                           "uint8")
+    for line in lines:
+        report("  " + line)
+    return [dataclasses.replace(s, sha256=sha256_file(tmp / s.file), precision="int8",
+                                inputs=[specs.get(t.name, t) for t in s.inputs],
+                                outputs=[specs.get(t.name, t) for t in s.outputs]) for s in segs]
 
 
 def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAULT_IMAGES, force: bool = False,
@@ -191,15 +210,19 @@ def quantize_folder(model_dir: Path, data: Path, out: Path, images: int = DEFAUL
     report(f"calibrating on {len(x)} validation images of {data}")
 
     def build(tmp: Path) -> Manifest:
-        segments = []
         with _private_temp(tmp / ".work") as work:
             for seg, feed in zip(manifest.segments, feeds):
                 _quantize_graph(model_dir / seg.file, tmp / seg.file, seg.inputs[0].name, feed, work)
-                segments.append(dataclasses.replace(seg, sha256=sha256_file(tmp / seg.file), precision="int8"))
+            segments = _rewrite_chain(model_dir, tmp, manifest, report)
             full = manifest.full
             if full is not None:
                 _quantize_graph(model_dir / full.file, tmp / full.file, full.input_name, x, work)
                 full = dataclasses.replace(full, sha256=sha256_file(tmp / full.file), precision="int8")
+        for graph in [s.file for s in segments] + ([full.file] if full else []):
+            risks = saturation_risks(tmp / graph)
+            if risks:
+                raise QuantizeError(f"{graph}: the int8 graph could saturate on x86 CPUs without VNNI ({risks[0]}); "
+                                    "nothing was written")
         import onnxruntime
 
         settings = dict(SETTINGS, calibration_images=len(x), calibration_split="validation",

@@ -107,6 +107,18 @@ def test_bad_thresholds(eng, t):
         eng.predict_array(X[:1], t, "max-prob")
 
 
+def test_a_rule_kept_from_an_earlier_call_does_not_let_a_bad_one_through(eng):
+    """predict_array keeps each resolved rule for the next call; True == 1 in a dict, but True is no threshold."""
+    first = [triples(eng.predict_array(X[i:i + 1], 0.5, "max-prob")) for i in range(4)]
+    assert [triples(eng.predict_array(X[i:i + 1], 0.5, "max-prob")) for i in range(4)] == first
+    assert triples(eng.predict_array(X[:1], 1, "max-prob")) == triples(eng.predict_array(X[:1], 1.0, "max-prob"))
+    for bad in (True, [0.5], np.array([0.5]), float("nan")):
+        with pytest.raises(ErdeError):
+            eng.predict_array(X[:1], bad, "max-prob")
+    assert [p.exit_index for p in eng.predict_array(X[:4], 0.0, "max-prob")] == [0] * 4
+    assert [p.exit_index for p in eng.predict_array(X[:1], 0.0, "entropy")] == [2]
+
+
 def test_unknown_criterion(eng):
     with pytest.raises(ErdeError, match="unknown exit criterion 'top-3'"):
         eng.predict_array(X[:1], 0.5, "top-3")

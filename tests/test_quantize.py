@@ -38,6 +38,25 @@ def test_the_int8_folder_records_its_precision_and_runs(int8, exported):
     assert b"QuantizeLinear" in graph
 
 
+def test_int8_segments_hand_on_uint8_nhwc_feature_maps(int8, exported):
+    """The manifest says what crosses each boundary, and the engine binds buffers of that type."""
+    m, fp32 = load_manifest(int8), load_manifest(exported[0])
+    assert "uint8 NHWC" in m.quantization["boundaries"] and "integer" in m.quantization["exit_heads"]
+    for a, b, f in zip(m.segments, m.segments[1:], fp32.segments):
+        out = next(t for t in a.outputs if t.name == a.feature_output)
+        batch, c, h, w = next(t for t in f.outputs if t.name == f.feature_output).shape
+        assert out == b.inputs[0] and out.dtype == "uint8" and out.shape == [batch, h, w, c]
+    e = Engine.load(int8, threads=1)
+    x = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    probs = e.exit_probs(x)
+    chain = e._chain()
+    assert [f.dtype for f in chain._features] == [np.uint8] * (m.num_exits - 1)
+    for i in range(len(x)):  # the bound batch-1 chain answers as the batched sessions do
+        p = e.predict_array(x[i:i + 1], early_exit=False)[0]
+        assert p.exit_index == m.num_exits - 1 and p.class_index == int(probs[-1, i].argmax())
+        assert abs(p.confidence - float(probs[-1, i].max())) < 1e-6
+
+
 def test_erde_run_runs_an_int8_folder_with_torch_blocked(int8, tiny_data, tmp_path):
     image = next((tiny_data / "test" / "red").iterdir())
     r = subprocess.run(console_command("erde-run", "erde.runtime.tools.run_cli") + ["--model", str(int8), "--image", str(image),

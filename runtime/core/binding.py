@@ -32,6 +32,9 @@ def _static_shape(dims: Sequence[Any]) -> Optional[Tuple[int, ...]]:
     return (1,) + tuple(rest)
 
 
+#: The feature-map types a bound chain hands on: float32, or uint8 NHWC between int8 segments (erde-quantize).
+_DTYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
+
 #: An exit test on one image's probabilities, as Python floats: True = the image leaves here.
 ExitTest = Callable[[List[float]], bool]
 
@@ -118,19 +121,20 @@ def bind_chain(segments: Sequence[Graph], input_shape: Tuple[int, ...],
         probs, features, bindings = [], [], []
         for k, segment in enumerate(segments):
             io = segment.session.io_binding()
-            io.bind_input(segment.input_name, "cpu", 0, np.float32, list(feed.shape), feed.ctypes.data)
+            io.bind_input(segment.input_name, "cpu", 0, feed.dtype.type, list(feed.shape), feed.ctypes.data)
             p = np.zeros((1, num_classes), dtype=np.float32)
             io.bind_output(segment.output_names[0], "cpu", 0, np.float32, list(p.shape), p.ctypes.data)
             probs.append(p)
             if k < len(segments) - 1:
                 if len(segment.output_names) < 2:
                     return PlainChain(segments, num_classes)
-                meta = {o.name: o.shape for o in segment.session.get_outputs()}
-                shape = _static_shape(meta.get(segment.output_names[1], []))
-                if shape is None:
+                meta = {o.name: o for o in segment.session.get_outputs()}.get(segment.output_names[1])
+                shape = _static_shape(meta.shape if meta is not None else [])
+                dtype = _DTYPES.get(meta.type) if meta is not None else None
+                if shape is None or dtype is None:
                     return PlainChain(segments, num_classes)
-                feed = np.zeros(shape, dtype=np.float32)
-                io.bind_output(segment.output_names[1], "cpu", 0, np.float32, list(shape), feed.ctypes.data)
+                feed = np.zeros(shape, dtype=dtype)  # float32, or uint8 between int8 segments
+                io.bind_output(segment.output_names[1], "cpu", 0, dtype, list(shape), feed.ctypes.data)
                 features.append(feed)
             bindings.append(io)
     except Exception:  # an onnxruntime without these calls: the engine runs without bindings

@@ -71,6 +71,7 @@ class Engine:
         h, w = manifest.preprocessing.input_size
         self._input_shape = (3, h, w)
         self._bound = threading.local()  # per thread: the segment chain with its batch-1 buffers bound
+        self._rules: dict = {}  # (type, threshold, criterion) given -> (criterion, threshold, exit test)
 
     @classmethod
     def load(cls, folder: Union[str, os.PathLike], threads: Optional[int] = None,
@@ -149,6 +150,21 @@ class Engine:
         crit, t = _check_rule(criterion, threshold)
         return crit, t, "given"
 
+    def _rule(self, threshold: Optional[float], criterion: Optional[str]) -> Tuple[str, float, ExitTest]:
+        """``resolve_threshold`` and the batch-1 exit test of its answer, kept for the next call with the same
+        arguments (the type is part of the key: True == 1.0, but only 1.0 is a threshold)."""
+        key = (type(threshold), threshold, criterion)
+        try:
+            rule = self._rules.get(key)
+        except TypeError:  # an unhashable argument: resolve_threshold says what is wrong with it
+            key, rule = None, None
+        if rule is None:
+            crit, t, _ = self.resolve_threshold(threshold, criterion)
+            rule = (crit, t, _exit_test(crit, t))
+            if key is not None and len(self._rules) < 64:
+                self._rules[key] = rule
+        return rule
+
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: Optional[float] = None,
                 criterion: Optional[str] = None, batch_size: int = 1) -> List[Prediction]:
         """Classify images (paths, PIL images or HxWx3 uint8 arrays), ``batch_size`` at a time."""
@@ -185,9 +201,11 @@ class Engine:
         from the last exit (the threshold is then not used): the engine's
         overhead against ``run_full``, as the benchmark measures it.
         """
-        criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
+        criterion, threshold, test = self._rule(threshold, criterion)
         x = self._check_input(x)
         n = x.shape[0]
+        if n == 1:  # the board's case: the batch-1 hot path, with the exit test made once per rule
+            return [self._predict_batch1(x, criterion, threshold, early_exit, test)]
         step = min(n if batch_size is None else _check_batch_size(batch_size), MAX_RUN_BATCH)
         if step >= n:
             return self._run(x, criterion, threshold, early_exit)
@@ -281,7 +299,8 @@ class Engine:
         return Prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
                           len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
 
-    def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool) -> Prediction:
+    def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool,
+                        test: Optional[ExitTest] = None) -> Prediction:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
@@ -291,7 +310,9 @@ class Engine:
             return self._predict_one_graph(x, criterion, threshold if early_exit else None)
         chain = self._chain()
         try:
-            k, values, marks = run_until(chain, x, _exit_test(criterion, threshold) if early_exit else None)
+            if early_exit and test is None:
+                test = _exit_test(criterion, threshold)
+            k, values, marks = run_until(chain, x, test if early_exit else None)
         except Exception:
             self._explain_failure(chain)
             raise

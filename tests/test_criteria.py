@@ -67,3 +67,6 @@ def test_every_criterion_has_one_rule_in_numpy_floats_and_onnx():
             assert onnx_mask == mask.tolist(), name
             assert 0 < mask.mean() < 1, (name, t)  # the thresholds split the images
         assert c.passes(probs, c.always).all() and not c.passes(probs, c.never).any()
+        for t in scores[:50]:  # thresholds on an image's own score: the float32 rounding decides
+            test = c.scalar_test(float(t))
+            assert [test([float(v) for v in p]) for p in probs[:50]] == c.passes(probs[:50], float(t)).tolist(), name

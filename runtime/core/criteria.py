@@ -16,6 +16,7 @@ plain node specs the exporter turns into ONNX), calibration, parity, the sweep, 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -67,6 +68,11 @@ def _margin_nodes(pre: str, probs: str, t: str, num_classes: int) -> Tuple[List[
             ("GreaterOrEqual", [pre + "margin", t], [pre + "leave"], {})], pre + "leave"
 
 
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as numpy's float32 arithmetic rounds its exact result)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _grid(lo: float, hi: float) -> Tuple[float, ...]:
     return tuple(round(lo + i / 1000.0, 3) for i in range(int(round((hi - lo) * 1000)) + 1))
 
@@ -92,6 +98,12 @@ class Criterion:
         t32 = float(np.float32(threshold))
         if self.name == "max-prob":  # the common case, without numpy: less work per segment
             return lambda values: max(values) >= t32
+        if self.name == "margin":  # without numpy too; the difference rounded to float32 as top2_margin's is
+            def margin_test(values: Sequence[float]) -> bool:
+                second, first = sorted(values)[-2:]
+                return _float32(first - second) >= t32  # float32 inputs: the double difference is exact
+
+            return margin_test
         return lambda values: bool(self.passes(np.asarray(values, dtype=np.float32)[None, :], t32)[0])
 
     @property

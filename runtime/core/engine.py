@@ -25,7 +25,7 @@ from ..common.errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 from .sessions import _check_providers, _check_threads, _one_line, make_session
-from .graphs import Prediction, _check_io, _read_checked, Graph  # noqa: F401 (Prediction: part of this API)
+from .graphs import Prediction, _check_io, _read_checked, Graph, new_prediction  # noqa: F401 (Prediction: part of this API)
 
 #: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
 MAX_RUN_BATCH = 256
@@ -296,8 +296,8 @@ class Engine:
         """``segment_ms``: the milliseconds of every segment that ran (at least up to ``exit_index``)."""
         seg = tuple(segment_ms[:exit_index + 1])
         macs = self._cum_macs[exit_index]
-        return Prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
-                          len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
+        return new_prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
+                              len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
 
     def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool,
                         test: Optional[ExitTest] = None) -> Prediction:
@@ -317,7 +317,7 @@ class Engine:
             self._explain_failure(chain)
             raise
         confidence = max(values)
-        return self._prediction(values.index(confidence), confidence, k, _segment_ms(marks))
+        return self._prediction(values.index(confidence), confidence, k, [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
 
     def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[float],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:

@@ -40,6 +40,18 @@ class Prediction:
         return d
 
 
+def new_prediction(class_index: int, class_name: str, confidence: float, exit_index: int, num_exits: int, macs: int,
+                   macs_fraction: float, latency_ms: float, segment_latency_ms: Tuple[float, ...],
+                   _new=object.__new__) -> Prediction:
+    """``Prediction(...)`` for the engine's batch-1 hot path: the same frozen object, its fields set in one dict
+    update (0.4 us) instead of the dataclass ``__init__``'s nine frozen-attribute calls (1.8 us)."""
+    p = _new(Prediction)
+    p.__dict__.update(class_index=class_index, class_name=class_name, confidence=confidence, exit_index=exit_index,
+                      num_exits=num_exits, macs=macs, macs_fraction=macs_fraction, latency_ms=latency_ms,
+                      segment_latency_ms=segment_latency_ms)
+    return p
+
+
 @dataclass(frozen=True)
 class Graph:
     session: Any

@@ -13,8 +13,8 @@ fp32 on graphs that are 2-3x faster (benchmarks/results/int8-exits-epyc). So:
 2. **integer exit heads** (``integer_head``): ReLU(BatchNorm(x)) with x = s (u - z) is, for a positive
    BatchNorm scale a, a s (max(u, t) - t) with a per-channel threshold t in units of u. With t rounded to an
    integer T (at most half a quantization step off, like the rounding of u itself), the pool and the Linear
-   fold into one int8 weight over the uint8 features, so the head is Flatten, Max, MatMulInteger, Cast, Mul,
-   Add and Softmax. The folded weights are int8 in [-64, 64], like every weight of an erde int8 graph (right on
+   fold into one int8 weight over the uint8 features, so the head is Flatten, Max, MatMulInteger,
+   DequantizeLinear (the int32 sums times each class's weight scale), Add and Softmax. The folded weights are int8 in [-64, 64], like every weight of an erde int8 graph (right on
    x86 CPUs without VNNI).
 
 Each rewrite checks its pattern first and leaves the graphs as they were when it does not match (the chain then
@@ -245,8 +245,7 @@ def integer_head(graph, head: _Head, boundary: Boundary, probs: str) -> bool:
         helper.make_node("Flatten", [boundary.name], [pre + "u"], axis=1, name=pre + "flatten"),
         helper.make_node("Max", [pre + "u", pre + "T"], [pre + "relu"], name=pre + "relu"),
         helper.make_node("MatMulInteger", [pre + "relu", pre + "weight"], [pre + "sum"], name=pre + "matmul"),
-        helper.make_node("Cast", [pre + "sum"], [pre + "sum_float"], to=1, name=pre + "cast"),
-        helper.make_node("Mul", [pre + "sum_float", pre + "scale"], [pre + "scaled"], name=pre + "scale"),
+        helper.make_node("DequantizeLinear", [pre + "sum", pre + "scale"], [pre + "scaled"], axis=1, name=pre + "scale"),
         helper.make_node("Add", [pre + "scaled", pre + "bias"], [pre + "logits"], name=pre + "bias"),
         helper.make_node("Softmax", [pre + "logits"], [probs], axis=1, name=pre + "softmax")])
     graph.initializer.extend([numpy_helper.from_array(tiled.reshape(1, h * w * c), pre + "T"),

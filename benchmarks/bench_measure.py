@@ -30,7 +30,7 @@ class Series:
     """Timed calls of one (method, threshold, batch size)."""
 
     method: str
-    threshold: Optional[float]
+    threshold: Optional[criteria.Threshold]
     batch: int
     run: Callable[[np.ndarray], List[int]]  # input -> exit index per image (-1: no exits, e.g. full.onnx)
     threshold_source: str = ""
@@ -41,7 +41,7 @@ class Series:
 @dataclass(frozen=True)
 class Row:
     method: str
-    threshold: Optional[float]
+    threshold: Optional[criteria.Threshold]
     threshold_source: str
     batch: int
     calls: int
@@ -186,7 +186,7 @@ def torch_eager(checkpoint: Path, manifest, threads: Optional[int], criterion: s
                     if k == last:
                         return [k]
                     p = torch.softmax(logits, dim=1).numpy()
-                    if criteria.passes(p, criterion, t).all():
+                    if criteria.passes(p, criterion, criteria.per_exit(t, last + 1)[k]).all():
                         return [k]
             return [last]
         return run
@@ -208,12 +208,12 @@ def labels_of(files: Sequence[Path], class_names: Sequence[str]) -> Optional[np.
 
 
 def accuracies(engine, x: np.ndarray, labels: np.ndarray, criterion: str,
-               thresholds: Sequence[float]) -> Tuple[Dict[float, float], float]:
+               thresholds: Sequence[criteria.Threshold]) -> Tuple[Dict[criteria.Threshold, float], float]:
     """Accuracy of the engine at each threshold, and of the final exit (= full.onnx), on every image."""
     probs = engine.exit_probs(x, batch_size=256)
     correct = probs.argmax(axis=2) == labels[None, :]
     at = {}
     for t in thresholds:
         taken = criteria.exit_indices(probs, criterion, t)
-        at[float(t)] = float(correct[taken, np.arange(len(labels))].mean())
+        at[t] = float(correct[taken, np.arange(len(labels))].mean())
     return at, float(correct[-1].mean())

@@ -16,6 +16,7 @@ import numpy as np
 
 
 from erde.runtime.common import machine
+from erde.runtime.core.criteria import show
 from .bench_measure import ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Row
 from .cold_start import ColdStart
 
@@ -58,7 +59,7 @@ def results_csv(rows: Sequence[Row], criterion: str, num_exits: int) -> str:
         shares = [f"{v:.4f}" for v in r.exit_shares] or [""] * num_exits
         per_exit = [("" if math.isnan(v) else f"{v:.4f}") for v in r.exit_mean_ms] or [""] * num_exits
         w.writerow([r.method, criterion if r.threshold is not None else "",
-                    "" if r.threshold is None else f"{r.threshold:g}", r.threshold_source, r.batch, r.calls,
+                    "" if r.threshold is None else show(r.threshold), r.threshold_source, r.batch, r.calls,
                     f"{r.p50_ms:.4f}", f"{r.p95_ms:.4f}", f"{r.p99_ms:.4f}", f"{r.mean_ms:.4f}",
                     f"{r.throughput_ips:.2f}", f"{r.mean_macs:.1f}", f"{r.macs_fraction:.4f}",
                     "" if math.isnan(r.accuracy) else f"{r.accuracy:.4f}"] + shares + per_exit)
@@ -69,7 +70,7 @@ def _label(r: Row) -> str:
     if r.threshold is None:
         return r.method
     shown = r.threshold_source in ("calibrated", "manifest default")
-    return f"{r.method} @ {r.threshold:g}" + (f" ({r.threshold_source})" if shown else "")
+    return f"{r.method} @ {show(r.threshold)}" + (f" ({r.threshold_source})" if shown else "")
 
 
 def _fmt_ratio(v: Optional[float], unit: str = "") -> str:
@@ -144,7 +145,7 @@ def summary_md(rep: Report) -> str:
     L += ["## Model and settings", "",
           f"- model folder: `{rep.model_dir}` ({m.model_name}, {m.num_exits} exits, {len(m.class_names)} classes)",
           f"- MACs per image: full model {_fmt_macs(m.full_macs)}; cumulative at each exit: {cum}",
-          f"- criterion: {rep.criterion}; reference threshold {t_ref:g} ({src})"
+          f"- criterion: {rep.criterion}; reference threshold {show(t_ref)} ({src})"
           + (f"; calibration: {m.calibration.mode}, target {m.calibration.target:g}, val accuracy "
              f"{100 * m.calibration.val_accuracy:.2f}%" if m.calibration else ""),
           f"- images: {rep.images}"]
@@ -152,7 +153,7 @@ def summary_md(rep: Report) -> str:
     if rep.torch_facts.get("warning"):
         L.append(f"- WARNING: {rep.torch_facts['warning']}")
     L += ["", "## Key numbers", "",
-          f"At threshold {t_ref:g} ({src}), batch 1:", "",
+          f"At threshold {show(t_ref)} ({src}), batch 1:", "",
           f"- tracking ratio (mean latency / full.onnx latency) / (mean MACs / full MACs): "
           f"**{_fmt_ratio(rr['tracking_vs_full'])}** (1.0 = latency tracks the MACs spent; above 1 = the early "
           "exit saves less time than MACs)",
@@ -171,7 +172,7 @@ def summary_md(rep: Report) -> str:
     if cmp is not None and rep.compare:
         acc = "" if math.isnan(cmp.accuracy) or ref is None else \
             f"; accuracy {100 * cmp.accuracy:.2f}% against {100 * ref.accuracy:.2f}%"
-        L.append(f"- compared model `{rep.compare}`: its engine at threshold {cmp.threshold:g} "
+        L.append(f"- compared model `{rep.compare}`: its engine at threshold {show(cmp.threshold)} "
                  f"({cmp.threshold_source}) is {_fmt_ratio(rr['compare_engine_speedup'], 'x')} as fast as this engine "
                  f"at {t_ref:g}{acc}; its full.onnx is {_fmt_ratio(rr['compare_full_speedup'], 'x')} as fast as this one")
     if rep.cold is not None:
@@ -223,11 +224,11 @@ def plot_png(rows: Sequence[Row], title: str, full_macs: int) -> bytes:
     for ax, x_of, xlabel in ((axes[0][0], lambda r: r.mean_ms, "mean latency per image, batch 1 (ms)"),
                              (axes[0][1], lambda r: r.macs_fraction, "mean MACs / full MACs")):
         for method, style in ((ENGINE, "o-"), (TORCH, "s--")):
-            pts = sorted((x_of(r), y_of(r), r.threshold) for r in one if r.method == method)
+            pts = sorted(((x_of(r), y_of(r), show(r.threshold)) for r in one if r.method == method))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
                 for px, py, t in pts:
-                    ax.annotate(f"{t:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                    ax.annotate(t, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if allseg is not None:
             ax.plot([x_of(allseg)], [y_of(allseg)], "x", ms=9, label="engine, all segments")
         for method, marker in ((ENGINE_CMP, "D"), (FULL_CMP, "P")):

@@ -44,6 +44,7 @@ from erde.runtime.common.cli import (COUNT, PATH, POSITIVE, command, command_lin
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.files import write_atomic
 from erde.runtime.common.ownership import BENCH_TOOLS, build_folder, check_replaceable
+from erde.runtime.core.criteria import Threshold, show
 from erde.runtime.core.manifest import CRITERIA
 
 from .bench_measure import (DEFAULT_THRESHOLDS, ENGINE, ENGINE_ALL, ENGINE_CMP, FULL, FULL_CMP, TORCH, Series,
@@ -150,24 +151,24 @@ def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
     # else the first given, else the manifest's default.
     cal = m.calibration
     criterion = args.criterion or (cal.criterion if cal is not None else m.default_criterion)
-    ts: List[Tuple[float, str]] = [(float(t), "given") for t in (args.thresholds or [])]
+    ts: List[Tuple[Threshold, str]] = [(float(t), "given") for t in (args.thresholds or [])]
     if not ts:
         ts = [(t, "default list") for t in DEFAULT_THRESHOLDS[criterion]]
     if cal is not None and cal.criterion == criterion:
-        reference = (float(cal.threshold), "calibrated")
+        reference = (cal.threshold, "calibrated")
     else:
         if cal is not None:
-            skipped.append(f"calibrated threshold ({cal.criterion} {cal.threshold:g}): --criterion {criterion} "
+            skipped.append(f"calibrated threshold ({cal.criterion} {show(cal.threshold)}): --criterion {criterion} "
                            "differs")
         if args.thresholds:
             reference = (ts[0][0], "given")
         elif m.default_criterion == criterion:
-            reference = (float(m.default_threshold), "manifest default")
+            reference = (m.default_threshold, "manifest default")
         else:
             reference = (ts[0][0], "first of the list")
     sources = dict(ts)
     sources[reference[0]] = reference[1]
-    ts = sorted(sources.items())
+    ts = sorted(sources.items(), key=lambda item: _order(item[0]))
     for t, _ in ts:
         engine.resolve_threshold(t, criterion)  # range check with the criterion in the message
 
@@ -175,8 +176,8 @@ def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
     if bad:
         skipped.append(f"{len(bad)} unreadable image file(s), e.g. {bad[0]}")
     _say(out, f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {len(used)} images from {args.images}; "
-              f"criterion {criterion}, thresholds {', '.join(f'{t:g}' for t, _ in ts)} "
-              f"(reference {reference[0]:g}, {reference[1]})")
+              f"criterion {criterion}, thresholds {', '.join(show(t) for t, _ in ts)} "
+              f"(reference {show(reference[0])}, {reference[1]})")
     cum = [s.cumulative_macs for s in m.segments]
     full_macs = m.full_macs
 
@@ -190,9 +191,9 @@ def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
     else:
         skipped.append("full.onnx: the model folder has none (manifest 'full' is empty); the tracking and "
                        "overhead ratios against it are not available")
-    cmp_engine, cmp_t = None, None
+    cmp_engine, cmp_t, cmp_crit = None, None, criterion
     if args.compare:
-        cmp_engine, cmp_t = _compare_series(args.compare, engine, criterion, reference, args, series)
+        cmp_engine, cmp_crit, cmp_t = _compare_series(args.compare, engine, criterion, reference, args, series)
     _say(out, f"batch 1: {len(series)} onnxruntime methods x {args.repeats} images (warm-up {args.warmup})")
     _timed(series, singles, args.warmup, args.repeats)
     rss_ort = peak_rss_mb()
@@ -249,12 +250,12 @@ def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
         skipped.append("accuracy: the images are not all in folders named after the model's classes")
     else:
         at, final = accuracies(engine, x, labels, criterion, [t for t, _ in ts])
-        cmp_at, cmp_final = accuracies(cmp_engine, x, labels, criterion, [cmp_t]) if cmp_engine else ({}, None)
+        cmp_at, cmp_final = accuracies(cmp_engine, x, labels, cmp_crit, [cmp_t]) if cmp_engine else ({}, None)
         rows = [replace(r, accuracy=cmp_final if r.method == FULL_CMP else cmp_at[r.threshold]
                         if r.method == ENGINE_CMP else final if r.threshold is None else at[r.threshold])
                 for r in rows]
     order = {ENGINE: 0, TORCH: 1, ENGINE_ALL: 2, FULL: 3, ENGINE_CMP: 4, FULL_CMP: 5}
-    rows.sort(key=lambda r: (r.batch, order[r.method], -1 if r.threshold is None else r.threshold))
+    rows.sort(key=lambda r: (r.batch, order[r.method], _order(r.threshold)))
     ratios = key_ratios(rows, reference[0], full_macs, cum[-1])
     settings = {"threads": str(args.threads) if args.threads else "library defaults",
                 "provider": args.provider, "batch size (throughput)": str(args.batch_size),
@@ -303,9 +304,15 @@ def _run(args: SimpleNamespace, command: str, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _compare_series(folder: str, engine, criterion: str, reference: Tuple[float, str], args,
+def _order(threshold: Optional[Threshold]) -> Tuple[float, str]:
+    """Rows and thresholds sorted by threshold (per-exit ones by their mean), full.onnx first."""
+    return (-1.0, "") if threshold is None else (float(np.mean(threshold)), show(threshold))
+
+
+def _compare_series(folder: str, engine, criterion: str, reference: Tuple[Threshold, str], args,
                     series: List[Series]):
-    """Add the --compare folder's engine (at its calibrated threshold) and full.onnx to ``series``."""
+    """Add the --compare folder's engine (at its calibrated rule, criterion included) and full.onnx to ``series``;
+    returns (its engine, the criterion, the threshold)."""
     from erde.runtime.core.engine import Engine
 
     from erde.runtime.core.selftest import require_verified
@@ -318,13 +325,13 @@ def _compare_series(folder: str, engine, criterion: str, reference: Tuple[float,
         raise ErdeError(f"{folder}: its classes or preprocessing differ from {engine.folder}; --compare takes a "
                         "copy of the same model (e.g. erde-quantize's int8 folder)")
     cal = b.calibration
-    t, source = ((float(cal.threshold), "calibrated") if cal is not None and cal.criterion == criterion
-                 else (reference[0], "not calibrated: the main model's threshold"))
-    series.append(Series(ENGINE_CMP, t, 1, lambda x: [p.exit_index for p in other.predict_array(x, t, criterion)],
-                         source))
+    crit, t, source = ((cal.criterion, cal.threshold, "calibrated" if cal.criterion == criterion
+                        else f"calibrated, criterion {cal.criterion}") if cal is not None
+                       else (criterion, reference[0], "not calibrated: the main model's threshold"))
+    series.append(Series(ENGINE_CMP, t, 1, lambda x: [p.exit_index for p in other.predict_array(x, t, crit)], source))
     if other.has_full:
         series.append(Series(FULL_CMP, None, 1, lambda x: [-1] * len(other.run_full(x))))
-    return other, t
+    return other, crit, t
 
 
 def _available_providers() -> List[str]:

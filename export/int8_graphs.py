@@ -11,11 +11,13 @@ fp32 on graphs that are 2-3x faster (benchmarks/results/int8-exits-epyc). So:
    Transpose, which onnxruntime cancels against its own layout change, so the graphs stay right on any runtime.
    The values crossing the boundary are bit-identical to what the QDQ pair computed.
 2. **integer exit heads** (``integer_head``): ReLU(BatchNorm(x)) with x = s (u - z) is, for a positive
-   BatchNorm scale a, a s (max(u, t) - t) with a per-channel threshold t in units of u. With t rounded to an
-   integer T (at most half a quantization step off, like the rounding of u itself), the pool and the Linear
-   fold into one int8 weight over the uint8 features, so the head is Flatten, Max, MatMulInteger,
-   DequantizeLinear (the int32 sums times each class's weight scale), Add and Softmax. The folded weights are int8 in [-64, 64], like every weight of an erde int8 graph (right on
-   x86 CPUs without VNNI).
+   BatchNorm scale a, a s max(u - t, 0) with a per-channel threshold t in units of u. QuantizeLinear with
+   scale 1 computes max(u - t, 0) rounded to uint8 (it saturates at 0: the ReLU, half a step off at most, like
+   the rounding of u itself), so the pool and the Linear fold into one int8 weight over it, and the head is
+   Flatten, Cast, Sub, QuantizeLinear, MatMulInteger, DequantizeLinear (the int32 sums times each class's
+   weight scale), Add and Softmax: standard ONNX that onnxruntime 1.19 runs (a uint8 Max would save two nodes,
+   but onnxruntime has it only since 1.22). The folded weights are int8 in [-64, 64], like every weight of an
+   erde int8 graph (right on x86 CPUs without VNNI).
 
 Each rewrite checks its pattern first and leaves the graphs as they were when it does not match (the chain then
 stays correct, only slower); erde-quantize reports which ones it made, and compares every exit with fp32 after.
@@ -202,7 +204,7 @@ def fp32_head(graph, features: str, probs: str) -> Optional[_Head]:
 
 
 def _folded(head: _Head, boundary: Boundary) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(T uint8 [H*W*C], int8 weight [H*W*C, K], scale [K], bias [K]) of the integer head, or None if it cannot
+    """(t float32 [H*W*C], int8 weight [H*W*C, K], scale [K], bias [K]) of the integer head, or None if it cannot
     be folded (a BatchNorm scale that is not positive, or shapes that do not fit)."""
     c, h, w = boundary.chw
     kh, kw = head.pool
@@ -212,7 +214,6 @@ def _folded(head: _Head, boundary: Boundary) -> Optional[Tuple[np.ndarray, np.nd
         return None
     s, z = boundary.scale, boundary.zero_point
     t = z - head.b / (head.a * s)  # ReLU(a s (u - z) + b) = a s max(u - t, 0)
-    T = np.clip(np.round(t), 0, 255)
     # the pool and the Linear as one weight over the NHWC positions, times the BatchNorm scale a s
     per = head.weight.reshape(k, c, ho, wo).transpose(2, 3, 1, 0) / (kh * kw)  # [Ho, Wo, C, K]
     full = np.zeros((h, w, c, k))
@@ -224,9 +225,8 @@ def _folded(head: _Head, boundary: Boundary) -> Optional[Tuple[np.ndarray, np.nd
     step = np.abs(full).max(axis=0) / WEIGHT_LIMIT
     step[step == 0] = 1.0
     w8 = np.clip(np.round(full / step), -WEIGHT_LIMIT, WEIGHT_LIMIT)
-    tiled = np.tile(T, h * w)  # the threshold of each NHWC position
-    bias = head.bias - (w8 * tiled[:, None]).sum(axis=0) * step  # a s (max(u, T) - T): the -T term is constant
-    return tiled.astype(np.uint8), w8.astype(np.int8), step.astype(np.float32), bias.astype(np.float32)
+    return (np.tile(t, h * w).astype(np.float32), w8.astype(np.int8), step.astype(np.float32),
+            head.bias.astype(np.float32))
 
 
 def integer_head(graph, head: _Head, boundary: Boundary, probs: str) -> bool:
@@ -236,19 +236,24 @@ def integer_head(graph, head: _Head, boundary: Boundary, probs: str) -> bool:
     folded = _folded(head, boundary)
     if folded is None or not any(o.name == probs for o in graph.output) or _producer(graph, boundary.name) is None:
         return False
-    tiled, w8, step, bias = folded
+    t, w8, step, bias = folded
     stale = _producer(graph, probs)
     stale.output[0] = f"{probs}_replaced"  # the old head becomes dead code, pruned below
     pre = f"{probs}_head/"
     c, h, w = boundary.chw
     graph.node.extend([
         helper.make_node("Flatten", [boundary.name], [pre + "u"], axis=1, name=pre + "flatten"),
-        helper.make_node("Max", [pre + "u", pre + "T"], [pre + "relu"], name=pre + "relu"),
+        helper.make_node("Cast", [pre + "u"], [pre + "u_float"], to=1, name=pre + "cast"),
+        helper.make_node("Sub", [pre + "u_float", pre + "t"], [pre + "shifted"], name=pre + "shift"),
+        helper.make_node("QuantizeLinear", [pre + "shifted", pre + "one", pre + "zero"], [pre + "relu"],
+                         name=pre + "relu"),  # uint8 saturates at 0: max(u - t, 0), rounded
         helper.make_node("MatMulInteger", [pre + "relu", pre + "weight"], [pre + "sum"], name=pre + "matmul"),
         helper.make_node("DequantizeLinear", [pre + "sum", pre + "scale"], [pre + "scaled"], axis=1, name=pre + "scale"),
         helper.make_node("Add", [pre + "scaled", pre + "bias"], [pre + "logits"], name=pre + "bias"),
         helper.make_node("Softmax", [pre + "logits"], [probs], axis=1, name=pre + "softmax")])
-    graph.initializer.extend([numpy_helper.from_array(tiled.reshape(1, h * w * c), pre + "T"),
+    graph.initializer.extend([numpy_helper.from_array(t.reshape(1, h * w * c), pre + "t"),
+                              numpy_helper.from_array(np.array(1.0, np.float32), pre + "one"),
+                              numpy_helper.from_array(np.array(0, np.uint8), pre + "zero"),
                               numpy_helper.from_array(w8, pre + "weight"), numpy_helper.from_array(step, pre + "scale"),
                               numpy_helper.from_array(bias, pre + "bias")])
     prune(graph)

@@ -29,7 +29,7 @@ from erde.runtime.tools.calibrate import DEFAULT_CONFIDENCE, DEFAULT_MAX_DROP_PO
 import click
 
 from erde.runtime.common.cli import FINITE, PATH, POSITIVE, command, console_script, data_option, exclusive
-from erde.runtime.core.criteria import sweep
+from erde.runtime.core.criteria import show, sweep
 from erde.runtime.common.errors import ErdeError
 from erde.runtime.common.ownership import MODEL_TOOLS, build_folder
 from erde.runtime.core.manifest import load_manifest, save_manifest
@@ -199,7 +199,7 @@ def install(args, source: Path, profile_threads: Sequence[int], target: Path = B
         return cal, metrics
 
     cal, metrics = build_folder(target, True, "erde-export", MODEL_TOOLS, build, protect=[source])
-    print(f"bundled {target}: {cal.criterion} threshold {cal.threshold:g}, validation accuracy "
+    print(f"bundled {target}: {cal.criterion} threshold {show(cal.threshold)}, validation accuracy "
           f"{cal.val_accuracy * 100:.2f}%, test accuracy {metrics['test_accuracy_calibrated'] * 100:.2f}% at "
           f"{metrics['test_macs_fraction_calibrated'] * 100:.0f}% of the full MACs"
           + (f", expected {metrics['test_expected_ms_calibrated']:.3f} ms against {metrics['test_full_onnx_ms']:.3f} ms "

@@ -123,11 +123,12 @@ def measure(model: Path, data: Path, threads: int, calls: int, images: int):
 
 def report(r, command: str) -> str:
     from erde.runtime.common import machine
+    from erde.runtime.core.criteria import show
 
     full = r["graph_ms"]["full.onnx"]
     lines = [f"# Where the early-exit time goes: `{Path(r['model']).name}`, batch 1, {r['threads']} thread(s)", "",
              f"`{command}`", "", f"Machine: {machine.describe()}. {r['images']} test images; exits at "
-             f"{r['criterion']} {r['threshold']:g}, shares " + " / ".join(f"{100 * s:.1f}%" for s in r["exit_shares"])
+             f"{r['criterion']} {show(r['threshold'])}, shares " + " / ".join(f"{100 * s:.1f}%" for s in r["exit_shares"])
              + ". Medians of 5 interleaved rounds per graph; engine and full.onnx: means over the images.", "",
              "| graph | ms | of full.onnx |", "|---|---:|---:|"]
     for name, v in r["graph_ms"].items():

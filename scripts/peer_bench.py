@@ -76,14 +76,15 @@ def openvino_methods(threads: int) -> Dict[str, Method]:
             compiled = core.compile_model(str(folder / seg.file), "CPU", config)
             stages.append((compiled.create_infer_request(), compiled.output(seg.probs_output),
                            compiled.output(seg.feature_output) if seg.feature_output else None))
-        test = criteria.get(m.calibration.criterion).scalar_test(m.calibration.threshold)
+        rule = criteria.get(m.calibration.criterion)
+        tests = [rule.scalar_test(t) for t in criteria.per_exit(m.calibration.threshold, m.num_exits)]
 
-        def run_chain(x, stages=stages, test=test, last=last):
+        def run_chain(x, stages=stages, tests=tests, last=last):
             feed = x
             for k, (req, probs_out, feat_out) in enumerate(stages):
                 req.infer({0: feed})
                 probs = req.get_tensor(probs_out).data[0]
-                if k == last or test(probs.tolist()):
+                if k == last or tests[k](probs.tolist()):
                     return int(probs.argmax()), k
                 feed = req.get_tensor(feat_out).data
             raise AssertionError("unreachable")
@@ -105,8 +106,8 @@ def torch_methods(threads: int) -> Dict[str, Method]:
     model.eval()
     static = FullPath(model.for_export()).eval()
     cal = load_manifest(bundled_model("cifar10")).calibration
-    test = criteria.get(cal.criterion).scalar_test(cal.threshold)
     last = model.cfg.num_exits - 1
+    tests = [criteria.get(cal.criterion).scalar_test(t) for t in criteria.per_exit(cal.threshold, last + 1)]
 
     def run_static(x):
         with torch.inference_mode():
@@ -118,7 +119,7 @@ def torch_methods(threads: int) -> Dict[str, Method]:
             for k in range(last + 1):
                 h, logits = model.run_segment(k, h)
                 p = torch.softmax(logits, dim=1)[0]
-                if k == last or test(p.tolist()):
+                if k == last or tests[k](p.tolist()):
                     return int(p.argmax()), k
     return {"PyTorch eager static": run_static, "PyTorch eager early-exit loop": run_loop}
 
@@ -139,6 +140,7 @@ def earlyon_methods(threads: int) -> Dict[str, Method]:
     from earlyon.staged import staged_model
 
     from erde.runtime import bundled_model
+    from erde.runtime.core import criteria
     from erde.runtime.core.manifest import load_manifest
     from erde.training.checkpoint import load_model
 
@@ -152,7 +154,8 @@ def earlyon_methods(threads: int) -> Dict[str, Method]:
     after = list(model.cfg.exit_after)
     points = [ExitPoint(f"e{i}", str(b + 1), model.cfg.widths[b]) for i, b in enumerate(after)]
     config = EarlyExitConfig(backbone="custom", num_classes=model.cfg.num_classes, exit_points=points,
-                             confidence_thresholds=[cal.threshold] * len(points), routing_policy="confidence")
+                             confidence_thresholds=list(criteria.per_exit(cal.threshold, len(points) + 1)),
+                             routing_policy="confidence")
     wrapper = EarlyExitWrapper(backbone, {f"e{i}": model.heads[i] for i in range(len(points))}, lambda h: h, config,
                                input_shape=(1, 3) + tuple(model.cfg.input_size))
     with warnings.catch_warnings():  # its FLOPs estimate cannot attribute the blocks' shared activation modules

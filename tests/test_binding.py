@@ -97,7 +97,7 @@ def test_run_until_stops_at_the_first_exit_that_lets_the_image_leave(eng, make):
         seen.append(values)
         return len(seen) == 2
 
-    k, values, marks = run_until(chain, x, leave_at_1)
+    k, values, marks = run_until(chain, x, [leave_at_1] * (len(chain.segments) - 1))
     assert k == 1 and values == probs[1] and seen == probs[:2]
     assert len(marks) == 3 and marks == sorted(marks)  # the start, then one mark per segment that ran
     k, values, marks = run_until(chain, x, None)  # nobody leaves early: the last segment answers

@@ -5,6 +5,8 @@ import json
 import subprocess
 
 import numpy as np
+
+from erde.runtime.core.criteria import show
 import pytest
 from PIL import Image
 
@@ -161,7 +163,7 @@ def test_choose_rules():
 
 def test_accuracy_drop_mode(capsys, model, data):
     rc, out, err = run(capsys, "--model", model, "--data", data, "--val-fraction", 0.5, "--threads", 1, "--max-drop", 0,
-                       "--confidence", 0.5)
+                       "--confidence", 0.5, "--same-threshold")
     assert rc == 0, err
     assert err == "" and "chosen:" in out and "calibration.csv" in out and "upper confidence bound" not in out
     m, _ = check_choice_matches_engine(model, data)
@@ -196,6 +198,53 @@ def test_confidence_bound_is_the_default(capsys, model, data):
     assert min(r.mean_macs for r in point) <= chosen.mean_macs  # the bound never buys a cheaper threshold
 
 
+def test_each_early_exit_gets_its_own_threshold_where_that_costs_less(capsys, model, data):
+    """The per-exit refinement starts from the best single threshold and never ends worse by the same measure;
+    the table holds the rule it chose, and the engine reproduces that rule's accuracy and MACs."""
+    args = ["--model", model, "--data", data, "--val-fraction", 0.5, "--threads", 1, "--max-drop", 5, "--confidence", 0.5,
+            "--criterion", "max-prob"]
+    assert run(capsys, *args, "--same-threshold")[0] == 0
+    same = load_manifest(model).calibration
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, err
+    m, _ = check_choice_matches_engine(model, data)
+    c = m.calibration
+    assert c.val_mean_macs <= same.val_mean_macs and c.val_accuracy >= m.metrics["calibration_val_accuracy_final_exit"] - 0.05
+    assert isinstance(same.threshold, float)
+    if isinstance(c.threshold, tuple):  # the fixture's exits are weak: a pair may or may not pay; the format holds
+        assert len(c.threshold) == m.num_exits - 1 and f"chosen: max-prob {show(c.threshold)}:" in out
+    chosen = [r for r in read_table(model) if r["chosen"] == "1"]
+    assert len(chosen) == 1 and chosen[0]["threshold"] == "/".join(f"{t:.6g}" for t in np.atleast_1d(c.threshold))
+    rows = cal_mod.read_table(model, m.num_exits)
+    assert cal_mod.row_at(rows, c.criterion, c.threshold).threshold == c.threshold
+
+
+def test_refining_never_makes_the_choice_worse():
+    """Exit 1 is right on half the images (confidence 0.7..1) and unsure on the rest; exit 2 is confidently wrong.
+    One threshold must stay above exit 2's 0.9, so exit 1 keeps only its surest images; a pair takes them all."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 5
+    labels = rng.integers(0, k, n)
+    onehot = np.eye(k, dtype=np.float32)[labels]
+    wrong = np.eye(k, dtype=np.float32)[(labels + 1) % k]
+    right1 = np.arange(n) < n // 2
+    conf1 = rng.uniform(0.7, 1.0, n).astype(np.float32)[:, None]
+    p1 = np.where(right1[:, None], conf1 * onehot + (1 - conf1) * wrong, 0.45 * wrong + 0.35 * onehot + 0.05)
+    p2 = 0.9 * wrong + 0.1 * onehot
+    probs = np.stack([p1, p2, onehot]).astype(np.float32)
+    cum, full = [10, 20, 30], 30
+    rows = cal_mod.threshold_table(probs, labels, cum, full, "max-prob")
+    single = cal_mod.choose(rows, "accuracy-drop", 0.0, 1.0, full, confidence=0.5)
+    refined, tried = cal_mod.refine_per_exit(probs, labels, cum, full, single)
+    assert single.met and single.row.threshold > 0.9
+    assert refined.met and tried and refined.row is tried[-1] and refined.row.accuracy == 1.0
+    t1, t2 = refined.row.threshold
+    assert 0.45 < t1 <= conf1[right1].min() and t2 > 0.9 and refined.row.exit_shares == (0.5, 0.0, 0.5)
+    assert refined.row.mean_macs == 20 < single.row.mean_macs
+    again, more = cal_mod.refine_per_exit(probs, labels, cum, full, refined)
+    assert again.row == refined.row and not more  # a fixed point
+
+
 def test_table_rows_match_engine(model, data):
     res = cal_mod.calibrate(model, data, "all", "accuracy-drop", 100.0, 0.5, threads=1, write=False)
     files, labels = val_set(data)
@@ -220,7 +269,8 @@ def test_mac_budget_mode_json(capsys, model, data):
     m, _ = check_choice_matches_engine(model, data)
     c = m.calibration
     assert (c.criterion, c.mode, c.target) == ("entropy", "mac-budget", 0.8)
-    assert c.val_mean_macs <= 0.8 * full and d["calibration"]["threshold"] == c.threshold
+    assert c.val_mean_macs <= 0.8 * full and d["calibration"]["threshold"] == (
+        list(c.threshold) if isinstance(c.threshold, tuple) else c.threshold)
     rows = read_table(model)
     assert {r["criterion"] for r in rows} == {"entropy"}
     within = [r for r in rows if float(r["mean_macs"]) <= 0.8 * full]
@@ -299,7 +349,7 @@ def test_calibrated_folder_end_to_end_with_erde_run(capsys, model, data):
     rc = run_cli.main(["--model", str(model), "--folder", str(data / "train" / "class0"), "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert out.splitlines()[0].endswith(f"criterion {c.criterion}, threshold {c.threshold:g} (calibrated)")
+    assert out.splitlines()[0].endswith(f"criterion {c.criterion}, threshold {show(c.threshold)} (calibrated)")
     # the recalibrated manifest still loads, and a second calibration replaces the first
     rc, _, err = run(capsys, "--model", model, "--data", data, "--val-fraction", 0.5, "--mac-budget", 1.0)
     assert rc == 0, err

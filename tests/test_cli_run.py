@@ -77,6 +77,22 @@ def test_json_output_matches_engine(capsys, model, images):
     assert len({r["exit_index"] for r in rows}) > 1  # the images do not all leave at one exit
 
 
+def test_a_threshold_per_early_exit_on_the_command_line(capsys, tmp_path, model, images):
+    rc, out, err = run(capsys, "--model", model, "--folder", images, "--json", "--threshold", "0.9/0.4",
+                       "--criterion", "max-prob", "--threads", 1)
+    assert rc == 0, err
+    preds = Engine.load(model, threads=1).predict(sorted(images.iterdir()), (0.9, 0.4), "max-prob")
+    rows = _rows(out)
+    assert [(r["exit_index"], r["class_index"]) for r in rows] == [(p.exit_index, p.class_index) for p in preds]
+    assert all(r["threshold"] == [0.9, 0.4] for r in rows)
+    cal = Calibration("max-prob", (0.95, 0.5), "accuracy-drop", 0.5, 0.9, 1000.0)
+    calibrated = make_model_folder(tmp_path / "c", calibration=cal)
+    rc, out, _ = run(capsys, "--model", calibrated, "--image", images / "img0.png", "--threads", 1)
+    assert rc == 0 and "criterion max-prob, threshold 0.95/0.5 (calibrated)" in out.splitlines()[0]
+    rc, _, err = run(capsys, "--model", model, "--image", images / "img0.png", "--threshold", "0.9/0.5/0.2")
+    assert rc == 2 and "3 thresholds 0.9/0.5/0.2 for a model with 3 exits" in err
+
+
 def test_batches_give_the_same_answers(capsys, model, images):
     def answers(bs):
         rc, out, _ = run(capsys, "--model", model, "--folder", images, "--json", "--batch-size", bs, "--threads", 1)
@@ -130,7 +146,7 @@ def _bad_model(tmp_path):
     (["--threshold", "1.5"], "threshold 1.5 is not a number in [0, 1]"),
     (["--threshold", "nan"], "threshold nan is not a number in [0, 1]"),
     (["--threshold", "-0.2"], "is not a number in [0, 1]"),
-    (["--threshold", "high"], "'--threshold': 'high' is not a valid float"),
+    (["--threshold", "high"], "'--threshold': expected a number, or one per early exit as T1/T2/..., got 'high'"),
     (["--criterion", "top-3"], "'--criterion': 'top-3' is not one of 'max-prob', 'entropy', 'margin'"),
     (["--threads", "0"], "'--threads': 0 is not in the range x>=1"),
     (["--batch-size", "-3"], "'--batch-size': -3 is not in the range x>=1"),

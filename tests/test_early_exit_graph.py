@@ -46,3 +46,6 @@ def test_every_criterion_leaves_where_the_chain_does(exported):
             have = [eng.predict_array(x[i:i + 1], float(t), criterion)[0].exit_index for i in range(len(x))]
             assert have == want, (criterion, t)
             assert eng.single_graph
+        per_exit = tuple(float(scores[(k + 1) * len(scores) // (eng.num_exits + 1)]) for k in range(eng.num_exits - 1))
+        want = exit_indices(probs, criterion, per_exit).tolist()  # one threshold per early exit
+        assert [eng.predict_array(x[i:i + 1], per_exit, criterion)[0].exit_index for i in range(len(x))] == want

@@ -35,7 +35,8 @@ X = random_inputs(48)
 
 
 def reference(folder, x, criterion, t):
-    """Exit decisions from full-batch runs of every segment, with an independent numpy rule."""
+    """Exit decisions from full-batch runs of every segment, with an independent numpy rule (``t``: one threshold,
+    or one per early exit)."""
     m = json.loads((folder / "manifest.json").read_text())
     probs, feed = [], x
     for seg in m["segments"]:
@@ -48,14 +49,15 @@ def reference(folder, x, criterion, t):
     for i in range(len(x)):
         for k, p in enumerate(probs):
             p = p[i]  # float32, as the exit rule compares (t rounded to float32 for max-prob)
+            t_k = t[min(k, len(t) - 1)] if isinstance(t, tuple) else t  # this exit's threshold
             if criterion == "max-prob":
-                leave = p.max() >= np.float32(t)
+                leave = p.max() >= np.float32(t_k)
             elif criterion == "margin":
                 a, b = sorted(p.tolist())[-2:]
-                leave = np.float32(b) - np.float32(a) >= np.float32(t)
+                leave = np.float32(b) - np.float32(a) >= np.float32(t_k)
             else:
                 ent = -sum(float(v) * math.log(max(float(v), 1e-12)) for v in p) / math.log(len(p))
-                leave = min(max(ent, 0.0), 1.0) <= t
+                leave = min(max(ent, 0.0), 1.0) <= t_k
             if leave or k == len(probs) - 1:
                 result.append((int(p.argmax()), k, float(p.max())))
                 break
@@ -80,6 +82,19 @@ def test_exits_match_numpy_reference(folder, eng, criterion, thresholds):
         assert one_by_one == got, (criterion, t)  # the batch-1 path
         mixed |= len({e for _, e, _ in got}) == 3
     assert mixed, "the fixture model should send samples to all three exits at some threshold"
+
+
+@pytest.mark.parametrize("criterion, t", [("max-prob", (0.95, 0.6)), ("max-prob", (0.5, 0.99)), ("margin", (0.9, 0.3)),
+                                          ("entropy", (0.05, 0.5))])
+def test_a_threshold_per_early_exit(folder, eng, criterion, t):
+    """Each early exit compares with its own threshold, at batch 1 and in batches, as the numpy reference does."""
+    want = reference(folder, X, criterion, t)
+    assert len({k for _, k, _ in want}) == 3  # the pair sends images to every exit
+    assert triples([eng.predict_array(X[i:i + 1], t, criterion)[0] for i in range(len(X))]) == want
+    assert triples(eng.predict_array(X, list(t), criterion, batch_size=7)) == want
+    assert triples(eng.predict_array(X, (0.9, 0.9), criterion)) == triples(eng.predict_array(X, 0.9, criterion))
+    with pytest.raises(ErdeError, match="3 thresholds 0.5/0.6/0.7 for a model with 3 exits"):
+        eng.predict_array(X[:1], (0.5, 0.6, 0.7), criterion)
 
 
 def test_batch1_max_prob_compares_in_float32(eng):
@@ -112,7 +127,7 @@ def test_a_rule_kept_from_an_earlier_call_does_not_let_a_bad_one_through(eng):
     first = [triples(eng.predict_array(X[i:i + 1], 0.5, "max-prob")) for i in range(4)]
     assert [triples(eng.predict_array(X[i:i + 1], 0.5, "max-prob")) for i in range(4)] == first
     assert triples(eng.predict_array(X[:1], 1, "max-prob")) == triples(eng.predict_array(X[:1], 1.0, "max-prob"))
-    for bad in (True, [0.5], np.array([0.5]), float("nan")):
+    for bad in (True, [0.5], np.array([0.5, 0.5, 0.5]), [0.5, "0.5"], [], float("nan")):
         with pytest.raises(ErdeError):
             eng.predict_array(X[:1], bad, "max-prob")
     assert [p.exit_index for p in eng.predict_array(X[:4], 0.0, "max-prob")] == [0] * 4

@@ -74,7 +74,9 @@ def test_one_error_lists_every_problem(folder):
     (lambda d: d["segments"][2].__setitem__("feature_output", "features2"), "feature_output"),
     (lambda d: d["segments"][0].__setitem__("cumulative_macs", 10 ** 12), "must not decrease"),
     (lambda d: d["preprocessing"].__setitem__("std", [0.2, 0.0, 0.2]), "preprocessing.std"),
-    (lambda d: d.__setitem__("default_threshold", "0.9"), "expected int or float, got str"),
+    (lambda d: d.__setitem__("default_threshold", "0.9"), "expected int or float or list, got str"),
+    (lambda d: d.__setitem__("default_threshold", [0.9]), "default_threshold: 1 thresholds for 2 early exits"),
+    (lambda d: d.__setitem__("default_threshold", [0.9, 1.5]), "[0.9, 1.5] is not a number in [0, 1] or a list"),
 ])
 def test_invalid_fields(folder, edit, expected):
     d = _raw(folder)
@@ -82,6 +84,14 @@ def test_invalid_fields(folder, edit, expected):
     with pytest.raises(ManifestError, match="invalid manifest") as info:
         manifest_from_dict(d)
     assert expected in str(info.value)
+
+
+def test_a_threshold_per_early_exit_reads_back(folder):
+    d = _raw(folder)
+    d["default_threshold"] = [0.7, 0.5]
+    m = manifest_from_dict(d)
+    assert m.default_threshold == (0.7, 0.5)
+    assert manifest_from_dict(json.loads(json.dumps(m.to_dict()))).default_threshold == (0.7, 0.5)
 
 
 def test_bad_json_names_file_and_line(tmp_path):

@@ -165,6 +165,25 @@ FINITE = _Finite()
 PATH = click.Path(path_type=Path)
 
 
+class _Threshold(click.ParamType):
+    """An exit threshold as erde prints it: ``0.9`` for every early exit, or ``0.66/0.5`` (exit 1, exit 2, ...).
+    Only numbers here; the engine checks the range and the count against the model."""
+
+    name = "threshold"
+
+    def convert(self, value: Any, param, ctx):
+        if isinstance(value, (float, tuple)):
+            return value
+        try:
+            parts = [float(v) for v in str(value).split("/")]
+        except ValueError:
+            self.fail(f"expected a number, or one per early exit as T1/T2/..., got {value!r}", param, ctx)
+        return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+THRESHOLD = _Threshold()
+
+
 # ---- options that mean the same everywhere ----------------------------------------------------------------
 
 model_option = click.option("--model", metavar="DIR", type=str, default=None,

@@ -89,11 +89,12 @@ class BoundChain:
         return self._image if k == 0 else self._features[k - 1]
 
 
-def run_until(chain: Union[BoundChain, PlainChain], x: np.ndarray, leave: Optional[ExitTest],
+def run_until(chain: Union[BoundChain, PlainChain], x: np.ndarray, leave: Optional[Sequence[ExitTest]],
               last: Optional[int] = None) -> Tuple[int, List[float], List[float]]:
-    """One image [1, 3, H, W] through the chain until ``leave`` says so (None: never) or segment ``last``
-    (default: the final one) has run. Returns (the segment that answered, its probabilities as Python floats,
-    ``time.perf_counter()`` marks: the start, then the end of each segment run with its exit test).
+    """One image [1, 3, H, W] through the chain until ``leave[k]`` (the test of early exit k) says so (None:
+    nobody leaves early) or segment ``last`` (default: the final one) has run. Returns (the segment that
+    answered, its probabilities as Python floats, ``time.perf_counter()`` marks: the start, then the end of each
+    segment run with its exit test).
 
     The engine's hot path at batch 1: the least Python work per segment (Python floats are quicker than numpy
     calls on a few values). Errors are onnxruntime's, or ValueError for a plain chain's wrong shape."""
@@ -104,7 +105,7 @@ def run_until(chain: Union[BoundChain, PlainChain], x: np.ndarray, leave: Option
     marks = [clock()]
     for k in range(final + 1):
         values = run(k)[0].tolist()
-        done = k == final or (leave is not None and leave(values))
+        done = k == final or (leave is not None and leave[k](values))
         marks.append(clock())
         if done:
             return k, values, marks

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -116,9 +116,10 @@ class Criterion:
         """A threshold every image passes."""
         return -1.0 if self.leaves_above else 2.0
 
-    def strictness(self, threshold: float) -> float:
-        """Larger = fewer images leave early."""
-        return threshold if self.leaves_above else -threshold
+    def strictness(self, threshold: "Threshold") -> float:
+        """Larger = fewer images leave early (per-exit thresholds: their mean)."""
+        t = float(np.mean(threshold))
+        return t if self.leaves_above else -t
 
 
 REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
@@ -143,13 +144,40 @@ def check_criterion(criterion: object) -> str:
     return get(criterion).name
 
 
-def check_threshold(criterion: str, threshold: object) -> float:
-    """The one threshold check of every path (batch, batch 1, the single graph): a real number in [0, 1] (not a string or bool)."""
-    check_criterion(criterion)
+#: A rule's threshold: one number for every early exit, or one per early exit (exit 1 first).
+Threshold = Union[float, Tuple[float, ...]]
+
+
+def _check_number(criterion: str, threshold: object) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
             or not math.isfinite(float(threshold)) or not 0.0 <= float(threshold) <= 1.0:
         raise ErdeError(f"threshold {threshold!r} is not a number in [0, 1] ({RULES[criterion]})")
     return float(threshold)
+
+
+def check_threshold(criterion: str, threshold: object, num_exits: Optional[int] = None) -> Threshold:
+    """The one threshold check of every path (batch, batch 1, the single graph): a real number in [0, 1] (not a
+    string or bool), or a sequence of them, one per early exit (``num_exits - 1`` of them when given). A sequence
+    of equal numbers is that number."""
+    check_criterion(criterion)
+    if isinstance(threshold, (list, tuple, np.ndarray)) and np.ndim(threshold) == 1:
+        values = tuple(_check_number(criterion, t) for t in threshold)
+        if not values or (num_exits is not None and len(values) != num_exits - 1):
+            want = "one per early exit" if num_exits is None else f"{num_exits - 1}, one per early exit"
+            raise ErdeError(f"{len(values)} thresholds {show(values)} for a model with {num_exits} exits; give one "
+                            f"number for every exit or {want}")
+        return values[0] if len(set(values)) == 1 else values
+    return _check_number(criterion, threshold)
+
+
+def per_exit(threshold: Threshold, num_exits: int) -> Tuple[float, ...]:
+    """The threshold of each early exit (``num_exits - 1`` of them)."""
+    return tuple(threshold) if isinstance(threshold, tuple) else (float(threshold),) * (num_exits - 1)
+
+
+def show(threshold: Threshold) -> str:
+    """A threshold as people read it: ``0.436``, or ``0.66/0.5`` (exit 1, exit 2, ...)."""
+    return "/".join(f"{t:g}" for t in threshold) if isinstance(threshold, tuple) else f"{threshold:g}"
 
 
 def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
@@ -157,14 +185,14 @@ def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
     return get(criterion).passes(probs, threshold)
 
 
-def exit_indices(exit_probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
+def exit_indices(exit_probs: np.ndarray, criterion: str, threshold: Threshold) -> np.ndarray:
     """Exit taken by each image, from all exits' probabilities [E,N,K] -> [N] ints."""
-    threshold = check_threshold(criterion, threshold)
     num_exits, n = exit_probs.shape[:2]
+    thresholds = per_exit(check_threshold(criterion, threshold, num_exits), num_exits)
     taken = np.full(n, num_exits - 1, dtype=np.int64)
     open_ = np.ones(n, dtype=bool)
     for k in range(num_exits - 1):
-        leave = open_ & passes(exit_probs[k], criterion, threshold)
+        leave = open_ & passes(exit_probs[k], criterion, thresholds[k])
         taken[leave] = k
         open_ &= ~leave
     return taken
@@ -175,7 +203,7 @@ class SweepPoint:
     """Accuracy and cost of one (criterion, threshold) over a set of labelled images."""
 
     criterion: str
-    threshold: float
+    threshold: Threshold
     accuracy: float  # in [0, 1]
     mean_macs: float  # per image
     macs_fraction: float  # mean_macs / MACs of the static network
@@ -187,7 +215,7 @@ class SweepPoint:
 
 
 def sweep(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
-          criterion: str, thresholds: Sequence[float]) -> List[SweepPoint]:
+          criterion: str, thresholds: Sequence[Threshold]) -> List[SweepPoint]:
     """Where each image leaves at each threshold, from every exit's probabilities [E,N,K]."""
     cum = np.asarray(cumulative_macs, dtype=np.float64)
     n = exit_probs.shape[1]
@@ -199,6 +227,7 @@ def sweep(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[
         right = correct[taken, np.arange(n)]
         drop = correct[-1].astype(np.float64) - right  # per image: -1, 0 or 1
         stderr = float(drop.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        points.append(SweepPoint(criterion, float(t), float(right.mean()), mean_macs, mean_macs / full_macs,
+        points.append(SweepPoint(criterion, check_threshold(criterion, t), float(right.mean()), mean_macs,
+                                 mean_macs / full_macs,
                                  tuple(float(v) for v in np.bincount(taken, minlength=len(cum)) / n), stderr))
     return points

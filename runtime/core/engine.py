@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import criteria
+from .criteria import Threshold
 from .binding import BoundChain, ExitTest, PlainChain, bind_chain, run_until
 from ..common.errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -40,9 +41,10 @@ def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray
     return criteria.passes(probs, criteria.check_criterion(criterion), threshold)
 
 
-def _exit_test(criterion: str, threshold: float) -> ExitTest:
-    """``exit_mask`` for one image's probabilities as Python floats (``Criterion.scalar_test``)."""
-    return criteria.get(criterion).scalar_test(threshold)
+def _exit_tests(criterion: str, threshold: criteria.Threshold, num_exits: int) -> Tuple[ExitTest, ...]:
+    """``exit_mask`` of each early exit for one image's probabilities as Python floats (``Criterion.scalar_test``)."""
+    rule = criteria.get(criterion)
+    return tuple(rule.scalar_test(t) for t in criteria.per_exit(threshold, num_exits))
 
 
 def _segment_ms(marks: Sequence[float]) -> Tuple[float, ...]:
@@ -50,8 +52,8 @@ def _segment_ms(marks: Sequence[float]) -> Tuple[float, ...]:
     return tuple((b - a) * 1000.0 for a, b in zip(marks, marks[1:]))
 
 
-def _check_rule(criterion: Any, threshold: Any) -> Tuple[str, float]:
-    return criteria.check_criterion(criterion), criteria.check_threshold(criterion, threshold)
+def _check_rule(criterion: Any, threshold: Any, num_exits: int) -> Tuple[str, criteria.Threshold]:
+    return criteria.check_criterion(criterion), criteria.check_threshold(criterion, threshold, num_exits)
 
 
 class Engine:
@@ -124,8 +126,8 @@ class Engine:
     def has_full(self) -> bool:
         return self._full is not None
 
-    def resolve_threshold(self, threshold: Optional[float] = None,
-                          criterion: Optional[str] = None) -> Tuple[str, float, str]:
+    def resolve_threshold(self, threshold: Optional[Threshold] = None,
+                          criterion: Optional[str] = None) -> Tuple[str, Threshold, str]:
         """(criterion, threshold, source) with source "given", "calibrated" or "manifest default".
 
         Neither given: the calibrated pair if the manifest has one, else the
@@ -137,21 +139,21 @@ class Engine:
         cal = m.calibration
         if threshold is None:
             if cal is not None and criterion in (None, cal.criterion):
-                crit, t = _check_rule(cal.criterion, cal.threshold)
+                crit, t = _check_rule(cal.criterion, cal.threshold, self.num_exits)
                 return crit, t, "calibrated"
             if criterion in (None, m.default_criterion):
-                crit, t = _check_rule(m.default_criterion, m.default_threshold)
+                crit, t = _check_rule(m.default_criterion, m.default_threshold, self.num_exits)
                 return crit, t, "manifest default"
-            _check_rule(criterion, 0.5)  # an unknown criterion is reported as such
+            _check_rule(criterion, 0.5, self.num_exits)  # an unknown criterion is reported as such
             raise ErdeError(f"{self.folder / MANIFEST_NAME} has no threshold for criterion {criterion!r}; "
                             "pass a threshold too (--threshold)")
         if criterion is None:
             criterion = cal.criterion if cal is not None else m.default_criterion
-        crit, t = _check_rule(criterion, threshold)
+        crit, t = _check_rule(criterion, threshold, self.num_exits)
         return crit, t, "given"
 
-    def _rule(self, threshold: Optional[float], criterion: Optional[str]) -> Tuple[str, float, ExitTest]:
-        """``resolve_threshold`` and the batch-1 exit test of its answer, kept for the next call with the same
+    def _rule(self, threshold: Optional[Threshold], criterion: Optional[str]) -> Tuple[str, Threshold, Tuple[ExitTest, ...]]:
+        """``resolve_threshold`` and the batch-1 exit tests of its answer, kept for the next call with the same
         arguments (the type is part of the key: True == 1.0, but only 1.0 is a threshold)."""
         key = (type(threshold), threshold, criterion)
         try:
@@ -160,12 +162,12 @@ class Engine:
             key, rule = None, None
         if rule is None:
             crit, t, _ = self.resolve_threshold(threshold, criterion)
-            rule = (crit, t, _exit_test(crit, t))
+            rule = (crit, t, _exit_tests(crit, t, self.num_exits))
             if key is not None and len(self._rules) < 64:
                 self._rules[key] = rule
         return rule
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: Optional[float] = None,
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: Optional[Threshold] = None,
                 criterion: Optional[str] = None, batch_size: int = 1) -> List[Prediction]:
         """Classify images (paths, PIL images or HxWx3 uint8 arrays), ``batch_size`` at a time."""
         criterion, threshold, _ = self.resolve_threshold(threshold, criterion)
@@ -180,20 +182,20 @@ class Engine:
             out.extend(self._run(x, criterion, threshold))
         return out
 
-    def stream(self, frames, threshold: Optional[float] = None, criterion: Optional[str] = None):
+    def stream(self, frames, threshold: Optional[Threshold] = None, criterion: Optional[str] = None):
         """One Prediction per frame of any iterable of paths, PIL images or arrays, at batch 1 (erde.runtime.core.stream)."""
         from .stream import stream
 
         return stream(self, frames, threshold, criterion)
 
-    def from_video(self, path, threshold: Optional[float] = None, criterion: Optional[str] = None,
+    def from_video(self, path, threshold: Optional[Threshold] = None, criterion: Optional[str] = None,
                    max_fps: Optional[float] = None):
         """One Prediction per frame of a video file (needs erde[video]; erde.runtime.core.stream)."""
         from .stream import from_video
 
         return from_video(self, path, threshold, criterion, max_fps)
 
-    def predict_array(self, x: np.ndarray, threshold: Optional[float] = None, criterion: Optional[str] = None,
+    def predict_array(self, x: np.ndarray, threshold: Optional[Threshold] = None, criterion: Optional[str] = None,
                       batch_size: Optional[int] = None, early_exit: bool = True) -> List[Prediction]:
         """Classify preprocessed input [N, 3, H, W] float32; ``batch_size`` None runs all N as one batch.
 
@@ -201,11 +203,11 @@ class Engine:
         from the last exit (the threshold is then not used): the engine's
         overhead against ``run_full``, as the benchmark measures it.
         """
-        criterion, threshold, test = self._rule(threshold, criterion)
+        criterion, threshold, tests = self._rule(threshold, criterion)
         x = self._check_input(x)
         n = x.shape[0]
         if n == 1:  # the board's case: the batch-1 hot path, with the exit test made once per rule
-            return [self._predict_batch1(x, criterion, threshold, early_exit, test)]
+            return [self._predict_batch1(x, criterion, threshold, early_exit, tests)]
         step = min(n if batch_size is None else _check_batch_size(batch_size), MAX_RUN_BATCH)
         if step >= n:
             return self._run(x, criterion, threshold, early_exit)
@@ -299,8 +301,8 @@ class Engine:
         return new_prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
                               len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
 
-    def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool,
-                        test: Optional[ExitTest] = None) -> Prediction:
+    def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: Threshold, early_exit: bool,
+                        tests: Optional[Tuple[ExitTest, ...]] = None) -> Prediction:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
@@ -310,23 +312,25 @@ class Engine:
             return self._predict_one_graph(x, criterion, threshold if early_exit else None)
         chain = self._chain()
         try:
-            if early_exit and test is None:
-                test = _exit_test(criterion, threshold)
-            k, values, marks = run_until(chain, x, test if early_exit else None)
+            if early_exit and tests is None:
+                tests = _exit_tests(criterion, threshold, self.num_exits)
+            k, values, marks = run_until(chain, x, tests if early_exit else None)
         except Exception:
             self._explain_failure(chain)
             raise
         confidence = max(values)
         return self._prediction(values.index(confidence), confidence, k, [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
 
-    def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+    def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[Threshold],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:
         """One call of early_exit.onnx: (probabilities [1,K], the exit that answered, milliseconds).
 
         ``threshold`` None: nobody leaves early; ``leave_at``: leave at that exit whatever the confidence.
         """
         rule = criteria.get(criterion)
-        t = np.full(max(1, self.num_exits - 1), rule.never if threshold is None else threshold, dtype=np.float32)
+        t = np.full(max(1, self.num_exits - 1), rule.never, dtype=np.float32)
+        if threshold is not None and self.num_exits > 1:
+            t[:] = criteria.per_exit(threshold, self.num_exits)
         if leave_at is not None and leave_at < self.num_exits - 1:
             t[:leave_at] = rule.never
             t[leave_at] = rule.always
@@ -339,7 +343,7 @@ class Engine:
                                    f"({_one_line(e)}); re-export the model folder") from None
         return probs, int(exit_[0]), (time.perf_counter() - start) * 1000.0
 
-    def _predict_one_graph(self, x: np.ndarray, criterion: str, threshold: Optional[float],
+    def _predict_one_graph(self, x: np.ndarray, criterion: str, threshold: Optional[Threshold],
                     leave_at: Optional[int] = None) -> Prediction:
         """Batch 1 through early_exit.onnx. The per-segment split of the time is not observable here:
         ``segment_latency_ms`` holds the whole call as one entry."""
@@ -359,7 +363,7 @@ class Engine:
         """Milliseconds for one image [1,3,H,W] to be answered at exit ``k`` (forced), as predict runs it."""
         if self._single is not None:
             return self._predict_one_graph(x, "max-prob", None, leave_at=k).latency_ms
-        _, _, marks = run_until(self._chain(), x, _exit_test("max-prob", 2.0), last=k)  # nobody leaves early
+        _, _, marks = run_until(self._chain(), x, None, last=k)  # nobody leaves early
         return (marks[-1] - marks[0]) * 1000.0
 
     @property
@@ -367,7 +371,7 @@ class Engine:
         """Whether batch-1 predictions run through early_exit.onnx (one call) rather than the segment chain."""
         return self._single is not None
 
-    def _run(self, x: np.ndarray, criterion: str, threshold: float, early_exit: bool = True) -> List[Prediction]:
+    def _run(self, x: np.ndarray, criterion: str, threshold: Threshold, early_exit: bool = True) -> List[Prediction]:
         n = x.shape[0]
         if n == 1:
             return [self._predict_batch1(x, criterion, threshold, early_exit)]
@@ -379,13 +383,14 @@ class Engine:
         feed = x
         marks = []
         start = time.perf_counter()
+        thresholds = criteria.per_exit(threshold, self.num_exits)
         for k, segment in enumerate(self._segments):
             outputs = self._run_graph(segment, feed)
             probs = outputs[0]
             if k == last:
                 leave = np.ones(len(active), dtype=bool)
             elif early_exit:
-                leave = exit_mask(probs, criterion, threshold)
+                leave = exit_mask(probs, criterion, thresholds[k])
             else:
                 leave = np.zeros(len(active), dtype=bool)
             if leave.any():

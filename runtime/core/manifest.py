@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .criteria import CRITERIA  # noqa: F401 (re-exported: the manifest names these criteria)
+from .criteria import CRITERIA, Threshold  # noqa: F401 (CRITERIA re-exported: the manifest names these criteria)
 from ..common.errors import ErdeError, ManifestError
 from .unsure import Unsure, from_dict as unsure_from_dict
 from ..common.files import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, json_depth_ok, read_capped, write_json_atomic  # noqa: F401
@@ -100,7 +100,7 @@ class Calibration:
     """A threshold chosen on the validation split (see erde-calibrate)."""
 
     criterion: str
-    threshold: float
+    threshold: Threshold  # one for every early exit, or one per early exit
     mode: str  # "accuracy-drop" or "mac-budget"
     target: float
     val_accuracy: float
@@ -125,7 +125,7 @@ class Manifest:
     segments: List[Segment]
     full: Optional[FullGraph] = None
     default_criterion: str = "max-prob"
-    default_threshold: float = 0.9
+    default_threshold: Threshold = 0.9
     calibration: Optional[Calibration] = None
     opset: int = 17
     mac_convention: str = MAC_CONVENTION
@@ -288,15 +288,14 @@ def manifest_from_dict(d: Any) -> Manifest:
             one_graph = EarlyExitGraph(**vals)
     crit = _typed(d, "default_criterion", str, where, errors, "max-prob")
     _check(crit in CRITERIA, f"manifest.default_criterion: {crit!r} is not one of {CRITERIA}", errors)
-    thr = _typed(d, "default_threshold", (int, float), where, errors, 0.9)
-    if thr is not None:
-        _check(_is_number(thr) and 0.0 <= thr <= 1.0, f"manifest.default_threshold: {thr!r} is not a number in [0, 1]", errors)
+    thr = _threshold(_typed(d, "default_threshold", (int, float, list), where, errors, 0.9),
+                     "manifest.default_threshold", len(segments), errors)
     cal = None
     c = _typed(d, "calibration", (dict, type(None)), where, errors, None)
     if c is not None:
         w = "manifest.calibration"
         vals = {k: _typed(c, k, t, w, errors) for k, t in
-                (("criterion", str), ("threshold", (int, float)), ("mode", str), ("target", (int, float)),
+                (("criterion", str), ("threshold", (int, float, list)), ("mode", str), ("target", (int, float)),
                  ("val_accuracy", (int, float)), ("val_mean_macs", (int, float)))}
         table = _typed(c, "table_file", str, w, errors, "")
         ms = _typed(c, "val_expected_ms", (int, float, type(None)), w, errors, None)
@@ -304,8 +303,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         level = _typed(c, "confidence", (int, float), w, errors, 0.5)
         if None not in vals.values():
             _check(vals["criterion"] in CRITERIA, f"{w}.criterion: {vals['criterion']!r} is not one of {CRITERIA}", errors)
-            _check(_is_number(vals["threshold"]) and 0.0 <= vals["threshold"] <= 1.0,
-                   f"{w}.threshold: {vals['threshold']!r} is not a number in [0, 1]", errors)
+            vals["threshold"] = _threshold(vals["threshold"], f"{w}.threshold", len(segments), errors)
             _check(_is_number(level) and 0.5 <= level < 1.0, f"{w}.confidence: {level!r} is not a number in [0.5, 1)",
                    errors)
             cal = Calibration(table_file=table, val_expected_ms=ms, profile=prof or "",
@@ -337,7 +335,7 @@ def manifest_from_dict(d: Any) -> Manifest:
         raise ManifestError("invalid manifest: " + "; ".join(errors))
     return Manifest(
         model_name=model_name, class_names=list(class_names), preprocessing=pre, segments=segments, full=full,
-        default_criterion=crit, default_threshold=float(thr), calibration=cal, opset=opset,
+        default_criterion=crit, default_threshold=thr, calibration=cal, opset=opset,
         mac_convention=d.get("mac_convention", MAC_CONVENTION), metrics=dict(metrics), source=dict(source),
         quantization=dict(quantization or {}), early_exit_graph=one_graph, unsure=unsure, schema_version=version,
     )
@@ -368,6 +366,21 @@ def save_manifest(folder: Union[str, Path], manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST_NAME
     write_json_atomic(path, manifest.to_dict())
     return path
+
+
+def _threshold(value: Any, what: str, num_segments: int, errors: List[str]) -> Threshold:
+    """A threshold read from JSON: a number in [0, 1], or a list of them, one per early exit (a tuple)."""
+    if value is None:
+        return 0.9  # its absence or type is already in ``errors``
+    values = value if isinstance(value, list) else [value]
+    ok = all(_is_number(v) and 0.0 <= v <= 1.0 for v in values)
+    _check(ok, f"{what}: {value!r} is not a number in [0, 1]" + (" or a list of them" if isinstance(value, list)
+                                                                 else ""), errors)
+    if isinstance(value, list):
+        _check(len(values) == max(num_segments - 1, 1), f"{what}: {len(values)} thresholds for "
+               f"{num_segments - 1} early exits", errors)
+        return tuple(float(v) for v in values) if ok else 0.9
+    return float(value) if ok else 0.9
 
 
 def model_sha256(manifest: Manifest) -> str:

@@ -171,6 +171,33 @@ def choose_best(choices: Sequence[Choice], cost: Optional[Cost] = None) -> Choic
         return max(choices, key=lambda c: (c.closest.accuracy, -cost(c.closest)))
     return min(choices, key=lambda c: (cost(c.closest), -c.closest.accuracy))
 
+def refine_per_exit(exit_probs: np.ndarray, labels: np.ndarray, cumulative_macs: Sequence[int], full_macs: int,
+                    choice: Choice, cost: Optional[Cost] = None, passes: int = 3) -> Tuple[Choice, List[ThresholdRow]]:
+    """From a met choice of one threshold for every exit, give each early exit its own threshold: one exit at a
+    time, every threshold of the criterion's grid with the others fixed, the same ``choose`` among them and the
+    current rule, until a pass changes nothing (at most ``passes``). The choice never gets worse by its own
+    measure; returns it with the rows it tried that ``choose`` took."""
+    num_exits = exit_probs.shape[0]
+    if not choice.met or num_exits < 3:
+        return choice, []
+    row = choice.row
+    current = list(criteria.per_exit(row.threshold, num_exits))
+    taken: List[ThresholdRow] = []
+    for _ in range(passes):
+        changed = False
+        for k in range(num_exits - 1):
+            rules = [tuple(current[:k] + [t] + current[k + 1:]) for t in threshold_grid(row.criterion)]
+            rows = threshold_table(exit_probs, labels, cumulative_macs, full_macs, row.criterion, rules)
+            new = choose([row] + rows, choice.mode, choice.target, choice.final_accuracy, full_macs, cost,
+                         choice.confidence)
+            if new.row is not row:
+                row, changed = new.row, True
+                current = list(criteria.per_exit(row.threshold, num_exits))
+                taken.append(row)
+        if not changed:
+            break
+    return dataclasses.replace(choice, row=row, closest=row), taken
+
 # ----------------------------------------------------------------------------------------------------------
 # Data and model
 
@@ -200,10 +227,20 @@ def table_csv(rows: Sequence[ThresholdRow], num_exits: int, chosen: Optional[Thr
     w.writerow(["criterion", "threshold", "val_accuracy", "val_drop_stderr", "mean_macs", "macs_fraction"]
                + [f"exit_{k + 1}_share" for k in range(num_exits)] + ["chosen"] + ["expected_ms"] * bool(profile))
     for r in rows:
-        w.writerow([r.criterion, f"{r.threshold:.6g}", f"{r.accuracy:.6f}", f"{r.drop_stderr:.6f}", f"{r.mean_macs:.1f}",
+        w.writerow([r.criterion, _threshold_text(r.threshold), f"{r.accuracy:.6f}", f"{r.drop_stderr:.6f}", f"{r.mean_macs:.1f}",
                     f"{r.macs_fraction:.6f}"] + [f"{s:.6f}" for s in r.exit_shares] + [int(r == chosen)]
                    + ([f"{profile.expected_ms(r.exit_shares):.4f}"] if profile else []))
     return buf.getvalue()
+
+def _threshold_text(threshold: criteria.Threshold) -> str:
+    """A threshold in the table: ``0.436``, or ``0.66/0.5`` for one per early exit."""
+    return "/".join(f"{t:.6g}" for t in threshold) if isinstance(threshold, tuple) else f"{threshold:.6g}"
+
+
+def _read_threshold(text: str) -> criteria.Threshold:
+    values = tuple(float(v) for v in text.split("/"))
+    return values if len(values) > 1 else values[0]
+
 
 def store(folder: Union[str, Path], manifest: Manifest, choice: Choice, rows: Sequence[ThresholdRow],
           data: Optional[ValidationData] = None, profile: Optional[LatencyProfile] = None) -> Manifest:
@@ -267,11 +304,12 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
               mode: str = "accuracy-drop", target: float = DEFAULT_MAX_DROP_POINTS,
               val_fraction: Optional[float] = None, threads: Optional[int] = None, write: bool = True,
               batch_size: int = BATCH_SIZE, confidence: float = DEFAULT_CONFIDENCE, verify: bool = True,
-              unsure: Optional[Tuple[str, float]] = None) -> Result:
+              unsure: Optional[Tuple[str, float]] = None, per_exit: bool = True) -> Result:
     """Run the model over the validation split, choose a threshold and (if met and ``write``) store it.
     ``verify``: first refuse a folder whose self-test fails on this machine (``selftest.require_verified``).
     ``unsure``: (target, value) of the "unsure" floor to choose at the threshold (``erde.runtime.core.unsure``);
-    without it, a floor the manifest already has is chosen again for its own target."""
+    without it, a floor the manifest already has is chosen again for its own target. ``per_exit``: then give
+    each early exit its own threshold (``refine_per_exit``); False keeps one threshold for every exit."""
     from ..core.engine import Engine
     from ..core.selftest import require_verified
 
@@ -307,6 +345,9 @@ def calibrate(model_dir: Union[str, os.PathLike], data: Union[str, os.PathLike],
         part = threshold_table(probs, vd.labels, cum, m.full_macs, c)
         per[c] = choose(part, mode, target, final_acc, m.full_macs, cost, confidence)
         rows += part
+        if per_exit:
+            per[c], tried = refine_per_exit(probs, vd.labels, cum, m.full_macs, per[c], cost)
+            rows += tried
     best = choose_best(list(per.values()), cost)
     target = unsure or ((m.unsure.target, m.unsure.target_value) if m.unsure else None)
     if best.met and target:
@@ -343,7 +384,7 @@ def read_table(folder: Union[str, Path], num_exits: int) -> List[ThresholdRow]:
         rows = []
         for d in csv.DictReader(io.StringIO(text)):
             shares = tuple(float(d[f"exit_{k + 1}_share"]) for k in range(num_exits))
-            rows.append(ThresholdRow(d["criterion"], float(d["threshold"]), float(d["val_accuracy"]),
+            rows.append(ThresholdRow(d["criterion"], _read_threshold(d["threshold"]), float(d["val_accuracy"]),
                                      float(d["mean_macs"]), float(d["macs_fraction"]), shares,
                                      float(d.get("val_drop_stderr") or 0.0)))
         return rows
@@ -351,11 +392,16 @@ def read_table(folder: Union[str, Path], num_exits: int) -> List[ThresholdRow]:
         raise ErdeError(f"{path}: corrupt calibration table ({e}); run erde-calibrate again") from None
 
 
-def row_at(rows: Sequence[ThresholdRow], criterion: str, threshold: float) -> Optional[ThresholdRow]:
-    """The row of ``criterion`` nearest to ``threshold`` (within 0.001), or None."""
+def row_at(rows: Sequence[ThresholdRow], criterion: str, threshold: criteria.Threshold) -> Optional[ThresholdRow]:
+    """The row of ``criterion`` nearest to ``threshold`` (every early exit's within 0.001), or None."""
     same = [r for r in rows if r.criterion == criterion]
     if not same:
         return None
-    best = min(same, key=lambda r: abs(r.threshold - threshold))
-    return best if abs(best.threshold - threshold) <= 1e-3 + 1e-9 else None
+    exits = len(same[0].exit_shares)
+    want = np.asarray(criteria.per_exit(threshold, exits))
 
+    def distance(r: ThresholdRow) -> float:
+        return float(np.abs(np.asarray(criteria.per_exit(r.threshold, exits)) - want).max())
+
+    best = min(same, key=distance)
+    return best if distance(best) <= 1e-3 + 1e-9 else None

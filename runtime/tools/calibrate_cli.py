@@ -23,7 +23,7 @@ from ..common.cli import (FINITE, PATH, UsageError, command, data_option, consol
                           model_option, no_verify_option, threads_option)
 from .run_cli import model_folder
 from ..common.errors import ErdeError
-from ..core.criteria import RULES
+from ..core.criteria import RULES, show
 from ..core.manifest import CRITERIA, MANIFEST_NAME, load_manifest
 from ..common.ownership import MODEL_TOOLS, build_folder, check_replaceable
 from ..core.selftest import SELFTEST_NAME
@@ -46,6 +46,9 @@ from ..core.selftest import SELFTEST_NAME
 @click.option("--confidence", type=FINITE, default=DEFAULT_CONFIDENCE, metavar="C",
               help="With --max-drop: the drop's one-sided upper bound at level C (paired over the validation images) "
                    f"must stay within P; 0.5 = the point estimate (default {DEFAULT_CONFIDENCE:g}).")
+@click.option("--same-threshold", is_flag=True,
+              help="Keep one threshold for every early exit (default: then give each early exit its own, where "
+                   "that lowers the cost within the target; shown as exit 1/exit 2/...).")
 @click.option("--val-fraction", type=FINITE, default=None, metavar="F",
               help="Validation fraction used in training (default: the manifest's, else 0.1).")
 @threads_option
@@ -74,7 +77,7 @@ def _pct(v: float) -> str:
 
 def _describe(r: ThresholdRow, profile=None) -> str:
     ms = f", expected {latency_cost(profile)(r):.3f} ms" if profile else ""
-    return (f"{r.criterion} {r.threshold:g}: val accuracy {_pct(r.accuracy)}, "
+    return (f"{r.criterion} {show(r.threshold)}: val accuracy {_pct(r.accuracy)}, "
             f"{100.0 * r.macs_fraction:.1f}% of full MACs{ms}")
 
 def _target_text(c: Choice) -> str:
@@ -99,7 +102,8 @@ def _run(args: SimpleNamespace, out: TextIO) -> int:
         raise UsageError(f"--val-fraction {args.val_fraction:g} must be in (0, 1)")
     def run(folder) -> Result:
         return calibrate(folder, args.data, args.criterion, mode, target, args.val_fraction, args.threads,
-                         confidence=args.confidence, verify=not args.no_verify, unsure=unsure)
+                         confidence=args.confidence, verify=not args.no_verify, unsure=unsure,
+                         per_exit=not args.same_threshold)
 
     unsure = (("coverage", args.unsure_coverage) if args.unsure_coverage is not None else
               ("accuracy", args.unsure_accuracy) if args.unsure_accuracy is not None else None)

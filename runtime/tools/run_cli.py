@@ -22,11 +22,11 @@ import click
 import numpy as np
 
 from .. import BUNDLED_MODELS
-from ..common.cli import (FINITE, PATH, POSITIVE, UsageError, command, console_script, exclusive, json_option, model_option,
+from ..common.cli import (FINITE, PATH, POSITIVE, THRESHOLD, UsageError, command, console_script, exclusive, json_option, model_option,
                           no_verify_option, threads_option)
 from ..common.files import IMAGE_EXTENSIONS
 from ..common.errors import EXIT_FAILED as EXIT_SOME_FAILED, EXIT_OK, EXIT_USAGE, ErdeError
-from ..core.criteria import RULES
+from ..core.criteria import RULES, show
 from ..core.manifest import CRITERIA, MANIFEST_NAME
 from ..core.graphs import Prediction
 
@@ -40,8 +40,9 @@ BUNDLED_MODEL = BUNDLED_MODELS / "cifar10"  # what a command runs without a fold
 @click.option("--folder", multiple=True, type=PATH, metavar="DIR",
               help="A folder of images (" + " ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ").")
 @model_option
-@click.option("--threshold", type=float, metavar="T",
-              help="Exit threshold in [0, 1] (default: calibrated, else the manifest's default).")
+@click.option("--threshold", type=THRESHOLD, metavar="T",
+              help="Exit threshold in [0, 1], or one per early exit as T1/T2/... (default: calibrated, else the "
+                   "manifest's default).")
 @click.option("--criterion", type=click.Choice(CRITERIA), help="; ".join(RULES.values()))
 @click.option("--static", is_flag=True,
               help="Run full.onnx, the static network, without early exits (chosen by itself where the latency "
@@ -232,7 +233,7 @@ def _run(args: SimpleNamespace, out: TextIO, err: TextIO) -> int:
     if not args.json:
         m = engine.manifest
         rule = f"static full.onnx, no early exit{chosen}" if args.static else \
-            f"criterion {criterion}, threshold {threshold:g} ({source})"
+            f"criterion {criterion}, threshold {show(threshold)} ({source})"
         print(f"model {m.model_name} ({engine.folder}), {m.num_exits} exits; {rule}"
               + (f"; unsure below confidence {floor:.3f}" if floor is not None else ""), file=out)
         line = expected_latency_line(engine, None if args.static else criterion, None if args.static else threshold,

@@ -19,3 +19,18 @@ def test_labels_only_when_every_image_names_its_class():
     assert labels_of(files, ["cat", "dog"]).tolist() == [0, 1]
     assert labels_of(files + [Path("t/other/3.png")], ["cat", "dog"]) is None
     assert isinstance(labels_of(files, ["dog", "cat"]), np.ndarray)
+
+
+def test_fewer_calls_than_images_time_a_sample_of_all_of_them():
+    """An image folder lists one class after the other: 300 calls over 1,000 images must not be the first 300."""
+    from erde.benchmarks.bench_measure import _timed
+
+    inputs = [np.full(1, i) for i in range(1000)]
+    seen = []
+    s = Series(ENGINE, 0.9, 1, lambda x: seen.append(int(x[0])) or [0])
+    _timed([s], inputs, warmup=0, repeats=300)
+    assert len(seen) == len(set(seen)) == 300 and len(s.times_ms) == 300
+    assert max(seen) > 900 and min(seen) < 100 and 350 < np.mean(seen) < 650  # spread over the whole folder
+    again = []
+    _timed([Series(ENGINE, 0.9, 1, lambda x: again.append(int(x[0])) or [0])], inputs, warmup=0, repeats=300)
+    assert again == seen  # the same seeded order every run, for every series

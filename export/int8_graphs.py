@@ -11,13 +11,14 @@ fp32 on graphs that are 2-3x faster (benchmarks/results/int8-exits-epyc). So:
    Transpose, which onnxruntime cancels against its own layout change, so the graphs stay right on any runtime.
    The values crossing the boundary are bit-identical to what the QDQ pair computed.
 2. **integer exit heads** (``integer_head``): ReLU(BatchNorm(x)) with x = s (u - z) is, for a positive
-   BatchNorm scale a, a s max(u - t, 0) with a per-channel threshold t in units of u. QuantizeLinear with
-   scale 1 computes max(u - t, 0) rounded to uint8 (it saturates at 0: the ReLU, half a step off at most, like
-   the rounding of u itself), so the pool and the Linear fold into one int8 weight over it, and the head is
-   Flatten, Cast, Sub, QuantizeLinear, MatMulInteger, DequantizeLinear (the int32 sums times each class's
-   weight scale), Add and Softmax: standard ONNX that onnxruntime 1.19 runs (a uint8 Max would save two nodes,
-   but onnxruntime has it only since 1.22). The folded weights are int8 in [-64, 64], like every weight of an
-   erde int8 graph (right on x86 CPUs without VNNI).
+   BatchNorm scale a, a s max(u - t, 0) with a per-channel threshold t in units of u. onnxruntime's QLinearAdd
+   (com.microsoft, in every CPU build; onnxruntime 1.19 on, and OpenVINO, read it) adds -t to u and rounds to
+   uint8, saturating at 0: that is the ReLU, in one node, half a step off at most (like the rounding of u
+   itself; t itself is kept to 1/255 of its largest value). The pool and the Linear fold into one int8 weight over
+   its output, so the head is QLinearAdd, Flatten, MatMulInteger, DequantizeLinear (the int32 sums times each
+   class's weight scale), Add and Softmax. Spelled with standard operators only (Cast, Sub, QuantizeLinear:
+   uint8 Max needs onnxruntime 1.22) the head cost three times as much. The folded weights are int8 in
+   [-64, 64], like every weight of an erde int8 graph (right on x86 CPUs without VNNI).
 
 Each rewrite checks its pattern first and leaves the graphs as they were when it does not match (the chain then
 stays correct, only slower); erde-quantize reports which ones it made, and compares every exit with fp32 after.
@@ -203,9 +204,20 @@ def fp32_head(graph, features: str, probs: str) -> Optional[_Head]:
                  bias.astype(np.float64))
 
 
-def _folded(head: _Head, boundary: Boundary) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(t float32 [H*W*C], int8 weight [H*W*C, K], scale [K], bias [K]) of the integer head, or None if it cannot
-    be folded (a BatchNorm scale that is not positive, or shapes that do not fit)."""
+@dataclass(frozen=True)
+class _Folded:
+    """The integer head's constants: u - t as QLinearAdd computes it, the int8 weight and the float tail."""
+
+    shift: np.ndarray  # uint8 [C]: QLinearAdd's B, with scale ``shift_scale`` and zero point 255: -t per channel
+    shift_scale: float
+    weight: np.ndarray  # int8 [H*W*C, K]
+    scale: np.ndarray  # float32 [K]: one step of each class's weight
+    bias: np.ndarray  # float32 [K]
+
+
+def _folded(head: _Head, boundary: Boundary) -> Optional[_Folded]:
+    """The integer head's constants, or None if it cannot be folded (a BatchNorm scale that is not positive, or
+    shapes that do not fit)."""
     c, h, w = boundary.chw
     kh, kw = head.pool
     ho, wo = (h - kh) // kh + 1, (w - kw) // kw + 1
@@ -225,8 +237,15 @@ def _folded(head: _Head, boundary: Boundary) -> Optional[Tuple[np.ndarray, np.nd
     step = np.abs(full).max(axis=0) / WEIGHT_LIMIT
     step[step == 0] = 1.0
     w8 = np.clip(np.round(full / step), -WEIGHT_LIMIT, WEIGHT_LIMIT)
-    return (np.tile(t, h * w).astype(np.float32), w8.astype(np.int8), step.astype(np.float32),
-            head.bias.astype(np.float32))
+    # QLinearAdd subtracts t in [0, 255] only: below 0 the ReLU never clips (max(u - t, 0) = u + |t|, the |t| a
+    # constant of the bias), above 255 it always does (0, as t = 255 gives)
+    kept = np.clip(t, 0.0, 255.0)
+    shift_scale = max(float(kept.max()) / 255.0, 1.0 / 255.0)
+    shift = 255 - np.round(kept / shift_scale)
+    constant = np.tile(np.where(t < 0, -t, 0.0), h * w)  # per NHWC position
+    bias = head.bias + (w8 * constant[:, None]).sum(axis=0) * step
+    return _Folded(shift.astype(np.uint8), shift_scale, w8.astype(np.int8), step.astype(np.float32),
+                   bias.astype(np.float32))
 
 
 def integer_head(graph, head: _Head, boundary: Boundary, probs: str) -> bool:
@@ -236,26 +255,26 @@ def integer_head(graph, head: _Head, boundary: Boundary, probs: str) -> bool:
     folded = _folded(head, boundary)
     if folded is None or not any(o.name == probs for o in graph.output) or _producer(graph, boundary.name) is None:
         return False
-    t, w8, step, bias = folded
     stale = _producer(graph, probs)
     stale.output[0] = f"{probs}_replaced"  # the old head becomes dead code, pruned below
     pre = f"{probs}_head/"
-    c, h, w = boundary.chw
     graph.node.extend([
-        helper.make_node("Flatten", [boundary.name], [pre + "u"], axis=1, name=pre + "flatten"),
-        helper.make_node("Cast", [pre + "u"], [pre + "u_float"], to=1, name=pre + "cast"),
-        helper.make_node("Sub", [pre + "u_float", pre + "t"], [pre + "shifted"], name=pre + "shift"),
-        helper.make_node("QuantizeLinear", [pre + "shifted", pre + "one", pre + "zero"], [pre + "relu"],
-                         name=pre + "relu"),  # uint8 saturates at 0: max(u - t, 0), rounded
-        helper.make_node("MatMulInteger", [pre + "relu", pre + "weight"], [pre + "sum"], name=pre + "matmul"),
+        helper.make_node("QLinearAdd", [boundary.name, pre + "one", pre + "zero", pre + "shift", pre + "shift_scale",
+                                        pre + "full", pre + "one", pre + "zero"], [pre + "relu"], domain="com.microsoft",
+                         name=pre + "relu"),  # max(u - t, 0) rounded: uint8 saturates at 0
+        helper.make_node("Flatten", [pre + "relu"], [pre + "relu_flat"], axis=1, name=pre + "flatten"),
+        helper.make_node("MatMulInteger", [pre + "relu_flat", pre + "weight"], [pre + "sum"], name=pre + "matmul"),
         helper.make_node("DequantizeLinear", [pre + "sum", pre + "scale"], [pre + "scaled"], axis=1, name=pre + "scale"),
         helper.make_node("Add", [pre + "scaled", pre + "bias"], [pre + "logits"], name=pre + "bias"),
         helper.make_node("Softmax", [pre + "logits"], [probs], axis=1, name=pre + "softmax")])
-    graph.initializer.extend([numpy_helper.from_array(t.reshape(1, h * w * c), pre + "t"),
-                              numpy_helper.from_array(np.array(1.0, np.float32), pre + "one"),
+    graph.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), pre + "one"),
                               numpy_helper.from_array(np.array(0, np.uint8), pre + "zero"),
-                              numpy_helper.from_array(w8, pre + "weight"), numpy_helper.from_array(step, pre + "scale"),
-                              numpy_helper.from_array(bias, pre + "bias")])
+                              numpy_helper.from_array(np.array(255, np.uint8), pre + "full"),
+                              numpy_helper.from_array(folded.shift, pre + "shift"),
+                              numpy_helper.from_array(np.array(folded.shift_scale, np.float32), pre + "shift_scale"),
+                              numpy_helper.from_array(folded.weight, pre + "weight"),
+                              numpy_helper.from_array(folded.scale, pre + "scale"),
+                              numpy_helper.from_array(folded.bias, pre + "bias")])
     prune(graph)
     return True
 
@@ -291,6 +310,9 @@ def rewrite_chain(int8_models: List, fp32_models: List, features: List[str], pro
         done.append(f"exit {k + 1}: {name} handed on as uint8 NHWC; "
                     + ("integer head" if ok else "QDQ head kept (not erde's ExitHead or a BatchNorm scale <= 0)"))
     for m in int8_models:
+        if any(n.domain == "com.microsoft" for n in m.graph.node) and not any(
+                o.domain == "com.microsoft" for o in m.opset_import):
+            m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         prune(m.graph)
         onnx.checker.check_model(m)
     return done

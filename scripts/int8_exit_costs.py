@@ -11,8 +11,10 @@ nodes onnxruntime runs in the segment. From them:
 
 - expected graph time of the engine = sum over exits k of share_k x (segments 1..k);
 - the same with free heads (trunks only, the final exit's head kept: full.onnx has it too);
-- the engine's measured mean (``predict_array`` over the test images at the folder's threshold), whose
-  difference from the expected graph time is the Python work around the graphs.
+- the engine's measured mean (``predict_array`` over the test images at the folder's threshold) and that of its
+  segment chain alone (``binding.run_until``): their difference is the engine's Python work around the chain,
+  and the chain's difference from the expected graph time is what one image after another costs beyond the
+  graphs' medians on one repeated image (the calls, the exit tests, the caches).
 
 Needs onnx (erde[quantize]); prints a table and, with --out, writes README.md and results.json there.
 """
@@ -94,19 +96,24 @@ def measure(model: Path, data: Path, threads: int, calls: int, images: int):
         full = make_session(str(Path(model) / m.full.file), threads)
         series["full.onnx"] = (lambda s=full, i=full.get_inputs()[0].name: s.run(None, {i: one}))
         ms = _timed(series, calls)
+    from erde.runtime.core.binding import run_until
+
     rng = np.random.default_rng(0)
     order = rng.permutation(len(x))
+    blocks = [order[i:i + 100] for i in range(0, len(order), 100)]
+    chain, tests = engine._chain(), engine._rule(threshold, criterion)[2]
+    calls = {"engine": lambda xi: engine.predict_array(xi, threshold, criterion),
+             "chain": lambda xi: run_until(chain, xi, tests), "full": lambda xi: engine.run_full(xi)}
     clock = time.perf_counter
-    engine_ms, full_ms = [], []
-    for r in range(5):  # the engine on the test images, interleaved with full.onnx on the same images
-        for i in order:
-            t0 = clock()
-            engine.predict_array(x[i:i + 1], threshold, criterion)
-            engine_ms.append((clock() - t0) * 1000.0)
-        for i in order:
-            t0 = clock()
-            engine.run_full(x[i:i + 1])
-            full_ms.append((clock() - t0) * 1000.0)
+    seen = {name: 0.0 for name in calls}
+    for r in range(3):  # the test images in blocks of 100, each block through each way in turn
+        for b, block in enumerate(blocks):
+            for name in (list(calls) if (r + b) % 2 == 0 else list(calls)[::-1]):
+                call, t0 = calls[name], clock()
+                for i in block:
+                    call(x[i:i + 1])
+                seen[name] += clock() - t0
+    engine_ms, chain_ms, full_ms = (seen[k] * 1000.0 / (3 * len(x)) for k in ("engine", "chain", "full"))
     n = len(m.segments)
     seg = [ms[f"segment {k + 1}"] for k in range(n)]
     trunk = [ms[f"trunk {k + 1}"] for k in range(n - 1)] + [seg[-1]]
@@ -116,7 +123,7 @@ def measure(model: Path, data: Path, threads: int, calls: int, images: int):
     bound = sum(s * sum(trunk[:k + 1]) / sum(trunk) for k, s in enumerate(shares)) * ms["full.onnx"]
     return {"model": str(model), "threads": threads, "criterion": criterion, "threshold": threshold,
             "images": len(x), "exit_shares": shares, "graph_ms": ms,
-            "engine_mean_ms": float(np.mean(engine_ms)), "full_mean_ms": float(np.mean(full_ms)),
+            "engine_mean_ms": engine_ms, "chain_mean_ms": chain_ms, "full_mean_ms": full_ms,
             "expected_graph_ms": expected, "expected_free_heads_ms": free_heads, "bound_no_overhead_ms": bound,
             "chain_all_segments_ms": sum(seg), "chain_all_trunks_ms": sum(trunk)}
 
@@ -129,7 +136,8 @@ def report(r, command: str) -> str:
     lines = [f"# Where the early-exit time goes: `{Path(r['model']).name}`, batch 1, {r['threads']} thread(s)", "",
              f"`{command}`", "", f"Machine: {machine.describe()}. {r['images']} test images; exits at "
              f"{r['criterion']} {show(r['threshold'])}, shares " + " / ".join(f"{100 * s:.1f}%" for s in r["exit_shares"])
-             + ". Medians of 5 interleaved rounds per graph; engine and full.onnx: means over the images.", "",
+             + ". Graphs: medians of 5 interleaved rounds of one image. Engine, chain and full.onnx: means over the "
+             "images, 3 passes in blocks of 100 images taken by each in turn.", "",
              "| graph | ms | of full.onnx |", "|---|---:|---:|"]
     for name, v in r["graph_ms"].items():
         lines.append(f"| {name} | {v:.4f} | {v / full:.2f}x |")
@@ -137,6 +145,8 @@ def report(r, command: str) -> str:
               f"| full.onnx, measured through the engine | {r['full_mean_ms']:.4f} | 1.00x |",
               f"| early exit, measured (`predict_array`) | {r['engine_mean_ms']:.4f} | "
               f"{r['full_mean_ms'] / r['engine_mean_ms']:.2f}x |",
+              f"| the segment chain alone, measured (`binding.run_until`, no Python around it) | "
+              f"{r['chain_mean_ms']:.4f} | {r['full_mean_ms'] / r['chain_mean_ms']:.2f}x |",
               f"| early exit, expected from the graphs | {r['expected_graph_ms']:.4f} | "
               f"{full / r['expected_graph_ms']:.2f}x |",
               f"| the same with free heads (trunks only) | {r['expected_free_heads_ms']:.4f} | "

@@ -25,4 +25,5 @@ def test_the_decomposition_adds_up(tmp_path):
     assert abs(sum(res["exit_shares"]) - 1) < 1e-9 and res["images"] == 12
     assert res["expected_free_heads_ms"] < res["expected_graph_ms"]  # a head costs something
     assert 0 < res["bound_no_overhead_ms"] <= ms["full.onnx"]
+    assert 0 < res["chain_mean_ms"] and 0 < res["engine_mean_ms"] and 0 < res["full_mean_ms"]
     assert "| head 1 |" in (out / "README.md").read_text()

@@ -99,8 +99,9 @@ def test_the_folded_weights_stay_within_seven_bits(plain):
     m, int8, fp32, x = plain
     a, b = _copies(int8[:2])
     boundary = pass_uint8(a, b, "features_0")
-    _, w8, step, _ = _folded(fp32_head(fp32[0].graph, "features_0", "probs_0"), boundary)
-    assert w8.dtype == np.int8 and np.abs(w8).max() == WEIGHT_LIMIT and np.all(step > 0)
+    f = _folded(fp32_head(fp32[0].graph, "features_0", "probs_0"), boundary)
+    assert f.weight.dtype == np.int8 and np.abs(f.weight).max() == WEIGHT_LIMIT and np.all(f.scale > 0)
+    assert f.shift.dtype == np.uint8 and f.shift_scale > 0
 
 
 def test_saturation_risks_reads_every_int8_initializer(plain, tmp_path):
@@ -113,3 +114,25 @@ def test_saturation_risks_reads_every_int8_initializer(plain, tmp_path):
     onnx.save(model, str(path))
     risks = saturation_risks(path)
     assert risks and risks[0].startswith("too_wide: int8 weights in [100, 100]")
+
+
+def test_the_folded_head_computes_the_float_head_whatever_the_thresholds():
+    """Channels whose ReLU never clips (t < 0) or always does (t > 255) included: the integer head's logits, as
+    QLinearAdd and MatMulInteger compute them, match BatchNorm-ReLU-pool-Linear in float64."""
+    from erde.export.int8_graphs import Boundary, _Head
+
+    rng = np.random.default_rng(0)
+    c, h, w, k = 6, 5, 5, 3
+    s, z = 0.05, 0
+    a = rng.uniform(0.5, 2.0, c)
+    t_wanted = np.array([-40.0, -3.0, 0.0, 17.5, 120.0, 300.0])  # in units of u
+    b = (z - t_wanted) * a * s
+    head = _Head(a, b, (2, 2), rng.standard_normal((k, c * 2 * 2)), rng.standard_normal(k))
+    f = _folded(head, Boundary("features_0", s, z, (c, h, w)))
+    u = rng.integers(0, 256, (8, h, w, c)).astype(np.float64)
+    x = np.maximum(a * s * (u - z) + b, 0).transpose(0, 3, 1, 2)  # [N, C, H, W]
+    pooled = x[:, :, :4, :4].reshape(8, c, 2, 2, 2, 2).mean(axis=(3, 5))
+    want = pooled.reshape(8, -1) @ head.weight.T + head.bias
+    q = np.clip(np.round(u - (255 - f.shift.astype(np.float64)) * f.shift_scale), 0, 255)
+    have = (q.reshape(8, -1) @ f.weight.astype(np.float64)) * f.scale + f.bias
+    assert np.abs(have - want).max() < 0.02 * np.abs(want).max()

@@ -13,6 +13,9 @@ split). Segment k is calibrated on the feature maps that the fp32 segments befor
 from those images, so the features crossing a boundary get the same range on both sides (the
 output of segment k and the input of segment k+1 see the same tensors).
 
+Then ``int8_graphs.rewrite_chain`` makes its early exit cheap: segments hand on their uint8 NHWC feature maps,
+and the exit heads run on them in integers (that module says how; the manifest gives the new feature types).
+
 The output folder is a model folder like any other: the runtime runs it unchanged. Its manifest
 records each graph's precision and the quantization settings; the fp32 calibration is dropped,
 because quantization moves the confidences: run ``erde-calibrate`` on the new folder. Needs onnx

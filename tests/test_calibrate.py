@@ -441,3 +441,23 @@ def test_a_calibration_table_erde_did_not_write_is_not_replaced(capsys, model, d
     assert main(["--model", str(model), "--data", str(data), "--max-drop", "5"]) == 2
     assert "not written by erde" in capsys.readouterr().err
     assert (model / "calibration.csv").read_text() == "my notes, not a table\n"
+
+
+@pytest.mark.parametrize("criterion", ["max-prob", "entropy", "margin"])
+def test_the_one_exit_sweep_gives_the_rows_of_the_full_table(criterion):
+    """exit_sweep's sums over a mask are the same rows threshold_table computes image by image."""
+    rng = np.random.default_rng(3)
+    n, k, e = 300, 6, 4
+    probs = rng.dirichlet(np.full(k, 0.3), (e, n)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    cum, full = [10, 25, 40, 60], 60
+    grid = threshold_grid(criterion)[::37]
+    rule = (0.3, 0.6, 0.45) if criterion != "entropy" else (0.5, 0.3, 0.4)
+    for exit_k in range(e - 1):
+        fast = cal_mod.exit_sweep(probs, labels, cum, full, criterion, rule, exit_k, grid)
+        rules = [rule[:exit_k] + (t,) + rule[exit_k + 1:] for t in grid]
+        slow = cal_mod.threshold_table(probs, labels, cum, full, criterion, rules)
+        for a, b in zip(fast, slow):
+            assert a.threshold == b.threshold and a.accuracy == pytest.approx(b.accuracy)
+            assert a.mean_macs == pytest.approx(b.mean_macs) and a.exit_shares == pytest.approx(b.exit_shares)
+            assert a.drop_stderr == pytest.approx(b.drop_stderr)

@@ -92,6 +92,13 @@ class Criterion:
         s = self.score(probs)
         return s >= threshold if self.leaves_above else s <= threshold
 
+    def passes_each(self, probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+        """``passes`` at every threshold at once: a boolean mask [T, N] (the thresholds compared in float32, as
+        ``passes`` compares a Python float with float32 scores)."""
+        s = self.score(probs)[None, :]
+        t = np.asarray(thresholds, dtype=np.float32)[:, None]
+        return s >= t if self.leaves_above else s <= t
+
     def scalar_test(self, threshold: float) -> Callable[[Sequence[float]], bool]:
         """``passes`` for one image's probabilities as Python floats (the engine's batch-1 loop). The threshold is
         rounded to float32 once, so the comparison stays the one ``passes`` makes on float32 probabilities."""

@@ -110,3 +110,30 @@ def test_a_plain_chain_refuses_probabilities_of_another_shape(eng):
     chain = PlainChain(eng._segments, 5)  # the graphs answer 4 classes
     with pytest.raises(ValueError, match=r"probabilities of shape \(1, 4\), expected \[1, 5\]"):
         run_until(chain, random_inputs(1), None)
+
+
+def test_a_bound_call_goes_below_the_wrapper_only_where_onnxruntime_has_one():
+    from erde.runtime.core.binding import _bound_call
+
+    class Public:  # an onnxruntime whose Python API exposes no inner session
+        def __init__(self):
+            self.calls = []
+
+        def run_with_iobinding(self, binding, run_options=None):
+            self.calls.append(binding)
+
+    s = Public()
+    _bound_call(s, "b")()
+    assert s.calls == ["b"]
+
+    class Inner(Public):
+        def __init__(self):
+            super().__init__()
+            self._sess = Public()
+
+    class Binding:
+        _iobinding = "inner-binding"
+
+    s = Inner()
+    _bound_call(s, Binding())()
+    assert s.calls == [] and s._sess.calls == ["inner-binding"]

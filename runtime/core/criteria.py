@@ -108,7 +108,9 @@ class Criterion:
         if self.name == "margin":  # without numpy too; the difference rounded to float32 as top2_margin's is
             def margin_test(values: Sequence[float]) -> bool:
                 second, first = sorted(values)[-2:]
-                return _float32(first - second) >= t32  # float32 inputs: the double difference is exact
+                d = first - second  # float32 inputs: the double difference is exact
+                # rounding to float32 moves d in [0, 1] by at most 3e-8: only near t32 can it change the answer
+                return d >= t32 if abs(d - t32) > 1e-6 else _float32(d) >= t32
 
             return margin_test
         return lambda values: bool(self.passes(np.asarray(values, dtype=np.float32)[None, :], t32)[0])

@@ -74,6 +74,8 @@ class Engine:
         self._input_shape = (3, h, w)
         self._bound = threading.local()  # per thread: the segment chain with its batch-1 buffers bound
         self._rules: dict = {}  # (type, threshold, criterion) given -> (criterion, threshold, exit test)
+        self._answers = (manifest.class_names, len(segments), self._cum_macs,
+                         [m / self._full_macs for m in self._cum_macs])  # what a batch-1 answer repeats
 
     @classmethod
     def load(cls, folder: Union[str, os.PathLike], threads: Optional[int] = None,
@@ -306,7 +308,8 @@ class Engine:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
-        buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure.
+        buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure; the
+        answer is built from values computed at load (``_answers``).
         """
         if self._single is not None:
             return self._predict_one_graph(x, criterion, threshold if early_exit else None)
@@ -319,7 +322,11 @@ class Engine:
             self._explain_failure(chain)
             raise
         confidence = max(values)
-        return self._prediction(values.index(confidence), confidence, k, [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
+        c = values.index(confidence)
+        seg = tuple([(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
+        names, num_exits, macs, fraction = self._answers
+        return new_prediction(c, names[c], confidence, k, num_exits, macs[k], fraction[k],
+                              (marks[-1] - marks[0]) * 1000.0, seg)
 
     def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[Threshold],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:

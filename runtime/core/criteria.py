@@ -189,6 +189,17 @@ def show(threshold: Threshold) -> str:
     return "/".join(f"{t:g}" for t in threshold) if isinstance(threshold, tuple) else f"{threshold:g}"
 
 
+def check_rule(criterion: object, threshold: object, num_exits: int) -> Tuple[str, Threshold]:
+    """A whole exit rule checked for a model of ``num_exits`` exits: (criterion, threshold)."""
+    return check_criterion(criterion), check_threshold(criterion, threshold, num_exits)
+
+
+def exit_tests(criterion: str, threshold: Threshold, num_exits: int) -> Tuple[Callable[[Sequence[float]], bool], ...]:
+    """The batch-1 test of each early exit (``Criterion.scalar_test`` at its threshold)."""
+    rule = get(criterion)
+    return tuple(rule.scalar_test(t) for t in per_exit(threshold, num_exits))
+
+
 def passes(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
     """Boolean mask [N]: which rows of probs [N,K] may leave at this exit (the exit rule of every path)."""
     return get(criterion).passes(probs, threshold)

@@ -26,7 +26,7 @@ from ..common.errors import ErdeError, ModelFolderError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .preprocess import ImageInput, preprocess
 from .sessions import _check_providers, _check_threads, _one_line, make_session
-from .graphs import Prediction, _check_io, _read_checked, Graph, new_prediction  # noqa: F401 (Prediction: part of this API)
+from .graphs import Prediction, _read_checked, Graph, new_prediction, open_graph  # noqa: F401 (Prediction: part of this API)
 
 #: Largest batch given to onnxruntime in one call; larger batches run in chunks, so memory stays bounded.
 MAX_RUN_BATCH = 256
@@ -41,19 +41,9 @@ def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray
     return criteria.passes(probs, criteria.check_criterion(criterion), threshold)
 
 
-def _exit_tests(criterion: str, threshold: criteria.Threshold, num_exits: int) -> Tuple[ExitTest, ...]:
-    """``exit_mask`` of each early exit for one image's probabilities as Python floats (``Criterion.scalar_test``)."""
-    rule = criteria.get(criterion)
-    return tuple(rule.scalar_test(t) for t in criteria.per_exit(threshold, num_exits))
-
-
 def _segment_ms(marks: Sequence[float]) -> Tuple[float, ...]:
     """Milliseconds between consecutive ``time.perf_counter()`` marks."""
     return tuple((b - a) * 1000.0 for a, b in zip(marks, marks[1:]))
-
-
-def _check_rule(criterion: Any, threshold: Any, num_exits: int) -> Tuple[str, criteria.Threshold]:
-    return criteria.check_criterion(criterion), criteria.check_threshold(criterion, threshold, num_exits)
 
 
 class Engine:
@@ -96,28 +86,22 @@ class Engine:
             raise ModelFolderError(f"{folder / extra[0]}: .onnx file not listed in {MANIFEST_NAME}"
                                    + (f" (also: {', '.join(extra[1:])})" if len(extra) > 1 else "")
                                    + "; the folder mixes two exports: remove it or re-export into an empty folder")
-        blobs = [_read_checked(folder, s.file, s.sha256) for s in manifest.segments]
+        blobs = [_read_checked(folder, s.file, s.sha256) for s in manifest.segments]  # every hash before a session
         full_blob = _read_checked(folder, manifest.full.file, manifest.full.sha256) if manifest.full else None
-        segments = []
-        for seg, blob in zip(manifest.segments, blobs):
-            path = folder / seg.file
-            sess = make_session(blob, threads, providers, shared_pool, name=str(path))
-            outs = [seg.probs_output] + ([seg.feature_output] if seg.feature_output else [])
-            _check_io(sess, path, [seg.inputs[0].name], outs)
-            segments.append(Graph(sess, seg.inputs[0].name, outs, seg.file))
-        full = None
+
+        def open_session(data: bytes, name: str):
+            return make_session(data, threads, providers, shared_pool, name=name)
+
+        segments = [open_graph(folder, s.file, blob, [s.inputs[0].name],
+                               [s.probs_output] + ([s.feature_output] if s.feature_output else []), open_session)
+                    for s, blob in zip(manifest.segments, blobs)]
+        full = single = None
         if manifest.full is not None:
-            path = folder / manifest.full.file
-            sess = make_session(full_blob, threads, providers, shared_pool, name=str(path))
-            _check_io(sess, path, [manifest.full.input_name], [manifest.full.probs_output])
-            full = Graph(sess, manifest.full.input_name, [manifest.full.probs_output], manifest.full.file)
-        single = None
+            f = manifest.full
+            full = open_graph(folder, f.file, full_blob, [f.input_name], [f.probs_output], open_session)
         if one_graph is not None:
-            path = folder / one_graph.file
-            sess = make_session(_read_checked(folder, one_graph.file, one_graph.sha256), threads, providers, shared_pool,
-                                name=str(path))
-            _check_io(sess, path, ["image", "thresholds", "criterion"], ["probs", "exit"], inputs_count=3)
-            single = Graph(sess, "image", ["probs", "exit"], one_graph.file)
+            single = open_graph(folder, one_graph.file, _read_checked(folder, one_graph.file, one_graph.sha256),
+                                ["image", "thresholds", "criterion"], ["probs", "exit"], open_session, inputs_count=3)
         return cls(folder, manifest, segments, full, threads, single)
 
     @property
@@ -141,17 +125,17 @@ class Engine:
         cal = m.calibration
         if threshold is None:
             if cal is not None and criterion in (None, cal.criterion):
-                crit, t = _check_rule(cal.criterion, cal.threshold, self.num_exits)
+                crit, t = criteria.check_rule(cal.criterion, cal.threshold, self.num_exits)
                 return crit, t, "calibrated"
             if criterion in (None, m.default_criterion):
-                crit, t = _check_rule(m.default_criterion, m.default_threshold, self.num_exits)
+                crit, t = criteria.check_rule(m.default_criterion, m.default_threshold, self.num_exits)
                 return crit, t, "manifest default"
-            _check_rule(criterion, 0.5, self.num_exits)  # an unknown criterion is reported as such
+            criteria.check_rule(criterion, 0.5, self.num_exits)  # an unknown criterion is reported as such
             raise ErdeError(f"{self.folder / MANIFEST_NAME} has no threshold for criterion {criterion!r}; "
                             "pass a threshold too (--threshold)")
         if criterion is None:
             criterion = cal.criterion if cal is not None else m.default_criterion
-        crit, t = _check_rule(criterion, threshold, self.num_exits)
+        crit, t = criteria.check_rule(criterion, threshold, self.num_exits)
         return crit, t, "given"
 
     def _rule(self, threshold: Optional[Threshold], criterion: Optional[str]) -> Tuple[str, Threshold, Tuple[ExitTest, ...]]:
@@ -164,7 +148,7 @@ class Engine:
             key, rule = None, None
         if rule is None:
             crit, t, _ = self.resolve_threshold(threshold, criterion)
-            rule = (crit, t, _exit_tests(crit, t, self.num_exits))
+            rule = (crit, t, criteria.exit_tests(crit, t, self.num_exits))
             if key is not None and len(self._rules) < 64:
                 self._rules[key] = rule
         return rule
@@ -316,7 +300,7 @@ class Engine:
         chain = self._chain()
         try:
             if early_exit and tests is None:
-                tests = _exit_tests(criterion, threshold, self.num_exits)
+                tests = criteria.exit_tests(criterion, threshold, self.num_exits)
             k, values, marks = run_until(chain, x, tests if early_exit else None)
         except Exception:
             self._explain_failure(chain)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from ..common.errors import ModelFolderError
 from ..common.files import MAX_GRAPH_BYTES, read_capped
@@ -74,6 +74,16 @@ def _read_checked(folder: Path, file: str, sha256: str) -> bytes:
         raise ModelFolderError(f"{path}: sha256 does not match {MANIFEST_NAME} (file altered or partly copied); "
                                "copy the model folder again or re-export it")
     return data
+
+
+def open_graph(folder: Path, file: str, data: bytes, inputs: Sequence[str], outputs: Sequence[str],
+               open_session: Callable[[bytes, str], Any], inputs_count: int = 1) -> Graph:
+    """A checked graph file (``data``, from ``_read_checked``) as a Graph: its session, from
+    ``open_session(data, name)``, and its inputs and outputs checked against the manifest's."""
+    path = folder / file
+    session = open_session(data, str(path))
+    _check_io(session, path, inputs, outputs, inputs_count)
+    return Graph(session, inputs[0], list(outputs), file)
 
 
 def _check_io(session: Any, path: Path, inputs: Sequence[str], outputs: Sequence[str], inputs_count: int = 1) -> None:

@@ -32,18 +32,9 @@ from .graphs import Prediction, _read_checked, Graph, new_prediction, open_graph
 MAX_RUN_BATCH = 256
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Exit rule
-
-
 def exit_mask(probs: np.ndarray, criterion: str, threshold: float) -> np.ndarray:
     """Which rows of ``probs`` [N, K] may leave at this exit (bool [N]): ``criteria.passes``, checked."""
     return criteria.passes(probs, criteria.check_criterion(criterion), threshold)
-
-
-def _segment_ms(marks: Sequence[float]) -> Tuple[float, ...]:
-    """Milliseconds between consecutive ``time.perf_counter()`` marks."""
-    return tuple((b - a) * 1000.0 for a, b in zip(marks, marks[1:]))
 
 
 class Engine:
@@ -281,19 +272,19 @@ class Engine:
 
     def _prediction(self, class_index: int, confidence: float, exit_index: int,
                     segment_ms: Sequence[float]) -> Prediction:
-        """``segment_ms``: the milliseconds of every segment that ran (at least up to ``exit_index``)."""
+        """``segment_ms``: the milliseconds of every segment that ran (at least up to ``exit_index``); the rest of
+        the answer comes from values computed at load (``_answers``)."""
         seg = tuple(segment_ms[:exit_index + 1])
-        macs = self._cum_macs[exit_index]
-        return new_prediction(class_index, self.manifest.class_names[class_index], confidence, exit_index,
-                              len(self._segments), macs, macs / self._full_macs, sum(seg), seg)
+        names, num_exits, macs, fraction = self._answers
+        return new_prediction(class_index, names[class_index], confidence, exit_index, num_exits, macs[exit_index],
+                              fraction[exit_index], sum(seg), seg)
 
     def _predict_batch1(self, x: np.ndarray, criterion: str, threshold: Threshold, early_exit: bool,
                         tests: Optional[Tuple[ExitTest, ...]] = None) -> Prediction:
         """Batch size 1, the usual case on a board: one scalar test per exit, no masks or compaction.
 
         This is the hot path whose overhead against full.onnx the benchmark reports: the segments run through
-        buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure; the
-        answer is built from values computed at load (``_answers``).
+        buffers bound once per thread, in ``binding.run_until``; errors are explained only after a failure.
         """
         if self._single is not None:
             return self._predict_one_graph(x, criterion, threshold if early_exit else None)
@@ -306,11 +297,8 @@ class Engine:
             self._explain_failure(chain)
             raise
         confidence = max(values)
-        c = values.index(confidence)
-        seg = tuple([(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
-        names, num_exits, macs, fraction = self._answers
-        return new_prediction(c, names[c], confidence, k, num_exits, macs[k], fraction[k],
-                              (marks[-1] - marks[0]) * 1000.0, seg)
+        return self._prediction(values.index(confidence), confidence, k,
+                                [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])])
 
     def _single_call(self, x: np.ndarray, criterion: str, threshold: Optional[Threshold],
                      leave_at: Optional[int] = None) -> Tuple[np.ndarray, int, float]:
@@ -399,7 +387,8 @@ class Engine:
                 feed = outputs[1][keep]
             else:
                 feed = outputs[1]
-        times_ms = _segment_ms([start] + marks)
+        marks.insert(0, start)
+        times_ms = [(b - a) * 1000.0 for a, b in zip(marks, marks[1:])]
         return [self._prediction(c, conf, e, times_ms)
                 for c, conf, e in zip(classes.tolist(), confidence.tolist(), exits.tolist())]
 
